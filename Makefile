@@ -1,0 +1,48 @@
+# joenet: `make train` trains on the built-in synthetic volume, `make test` runs the test suite.
+# Both create .venv and install joenet into it first.
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_ARGS ?=
+PY := $(VENV)/bin/python
+# Installed only when the venv has no torch yet: a CUDA torch you put there (or see through
+# VENV_ARGS=--system-site-packages) is kept. On machines with a local CPU wheel pip takes it.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.joenet-installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test lint format bench clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install joenet (editable) with its dev tools
+
+train: $(STAMP) ## Train on the synthetic volume (CPU demo preset when there is no CUDA GPU)
+	$(PY) -m joenet.train $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else 'preset=cpu_demo')") $(ARGS)
+
+test: $(STAMP) lint ## Lint, then run the whole test suite (what CI runs)
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(STAMP) ## Format and autofix with ruff
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+bench: $(STAMP) ## Run the benchmarks (not part of the tests)
+	$(PY) benchmarks/model_figures.py
+	$(PY) benchmarks/augment_bench.py
+
+clean: ## Remove the venv, caches and build outputs (keeps logs/ and data/)
+	rm -rf $(VENV) build dist .pytest_cache .ruff_cache src/*.egg-info

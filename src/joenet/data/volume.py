@@ -1,0 +1,110 @@
+"""Read patches from an EM volume stored as a zarr group (``raw`` plus ``labels/<class>``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+_RANGE = {np.dtype("uint8"): 255.0, np.dtype("uint16"): 65535.0}
+
+
+class VolumeError(ValueError):
+    """A volume that cannot be used as given; the message names the file and what was expected."""
+
+
+class ZarrVolume:
+    """One EM volume: ``raw`` (z, y, x) and optional 0/1 masks ``labels/<class>``.
+
+    Arrays are opened lazily (also after pickling into a DataLoader worker, so workers that use the
+    ``spawn`` start method reopen the store instead of receiving a copy of the data). A volume
+    whose arrays fit in ``cache_bytes`` is loaded into memory once per process, as the seed's
+    dataset does; a larger one is read patch by patch from its chunks.
+
+    Args:
+        path: the zarr group.
+        class_names: output channels; a class without ``labels/<class>`` is reported unlabelled.
+        raw_key: path of the image array inside the group.
+        cache_bytes: load the arrays into memory when raw plus labels take at most this much.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        class_names: Sequence[str] = ("nuclei", "mito"),
+        raw_key: str = "raw",
+        cache_bytes: int = 2**30,
+    ):
+        self.path = str(path)
+        self.class_names = list(class_names)
+        self.raw_key = raw_key
+        self.cache_bytes = cache_bytes
+        raw, labels = self._open()
+        self.shape: tuple[int, int, int] = tuple(raw.shape)  # type: ignore[assignment]
+        self.dtype = raw.dtype
+        self.labelled = tuple(label is not None for label in labels)
+        self._arrays: tuple | None = None
+
+    def _open(self) -> tuple[zarr.Array, list[zarr.Array | None]]:
+        if not Path(self.path).exists() and "://" not in self.path:
+            raise VolumeError(f"{self.path}: no such file or directory (expected a zarr group)")
+        try:
+            group = zarr.open_group(self.path, mode="r")
+        except Exception as err:  # zarr raises several types for "not a group"
+            raise VolumeError(f"{self.path}: not a zarr group ({err})") from None
+        if self.raw_key not in group:
+            raise VolumeError(f"{self.path}: no '{self.raw_key}' array (expected raw (z, y, x))")
+        raw = group[self.raw_key]
+        if raw.ndim != 3:
+            raise VolumeError(f"{self.path}/{self.raw_key}: expected 3 axes (z, y, x), got {raw.shape}")
+        if raw.dtype not in _RANGE and raw.dtype.kind != "f":
+            raise VolumeError(
+                f"{self.path}/{self.raw_key}: unsupported dtype {raw.dtype} "
+                "(expected uint8, uint16 or float)"
+            )
+        labels: list[zarr.Array | None] = []
+        for name in self.class_names:
+            key = f"labels/{name}"
+            label = group[key] if key in group else None
+            if label is not None and label.shape != raw.shape:
+                raise VolumeError(
+                    f"{self.path}/{key}: shape {label.shape} differs from raw {raw.shape}"
+                )
+            labels.append(label)
+        return raw, labels
+
+    def __getstate__(self) -> dict:
+        # Workers reopen the store; a cached copy is not worth pickling into each of them.
+        return {**self.__dict__, "_arrays": None}
+
+    def _load(self) -> tuple:
+        if self._arrays is None:
+            raw, labels = self._open()
+            nbytes = raw.nbytes + sum(label.nbytes for label in labels if label is not None)
+            if nbytes <= self.cache_bytes:
+                raw = raw[...]
+                labels = [None if label is None else label[...] for label in labels]
+            self._arrays = (raw, labels)
+        return self._arrays
+
+    def read(self, z: int, y: int, x: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``size`` x ``size`` window of slice ``z`` whose top-left corner is (y, x).
+
+        Returns:
+            image (1, size, size) float32 in [0, 1] and target (C, size, size) uint8 (zeros for
+            unlabelled classes: callers mask them with ``labelled``).
+        """
+        raw, labels = self._load()
+        window = (z, slice(y, y + size), slice(x, x + size))
+        image = np.asarray(raw[window])
+        if image.dtype.kind == "f":
+            image = np.clip(image, 0.0, 1.0).astype(np.float32)
+        else:
+            image = image.astype(np.float32) / _RANGE[image.dtype]
+        target = np.zeros((len(labels), size, size), dtype=np.uint8)
+        for channel, label in enumerate(labels):
+            if label is not None:
+                target[channel] = label[window]
+        return image[None], target

@@ -1,0 +1,126 @@
+"""The training system: the U-Net, its loss and metrics, and the optimiser wiring."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor
+
+from joenet.losses import BCEDiceLoss
+from joenet.metrics import SegmentationMetrics
+from joenet.model import UNet2d
+
+
+def _plain(value: Any) -> Any:
+    """Hydra containers as plain dicts/lists, so checkpoints hold primitives only."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+class SegmentationLitModule(L.LightningModule):
+    """Multi-label (sigmoid) segmentation of nuclei and mitochondria with ``UNet2d``.
+
+    It takes plain values only and builds its network itself, so ``save_hyperparameters`` stores
+    primitives and a checkpoint alone rebuilds the model (and loads with ``weights_only=True``).
+
+    Args:
+        class_names: one output channel per class, in order (channel 0 nuclei, 1 mito).
+        net: keyword arguments of ``UNet2d`` (channels, down, up, activation, ...).
+        lr: AdamW learning rate.
+        weight_decay: AdamW decoupled weight decay.
+        scheduler: ``cosine`` (per step, to 0 at the end of training) or ``plateau``
+            (ReduceLROnPlateau on ``plateau_monitor`` at each validation).
+        plateau_factor: learning-rate factor of ``plateau``.
+        plateau_patience: validations without improvement before ``plateau`` lowers the rate.
+        plateau_monitor: logged metric that ``plateau`` watches (lower is better).
+        bce_weight: weight of BCE in the loss.
+        dice_weight: weight of Dice in the loss.
+        threshold: probability threshold of the metrics.
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str] = ("nuclei", "mito"),
+        net: Mapping[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        scheduler: Literal["cosine", "plateau"] = "cosine",
+        plateau_factor: float = 0.5,
+        plateau_patience: int = 5,
+        plateau_monitor: str = "val/loss",
+        bce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        threshold: float = 0.5,
+    ):
+        super().__init__()
+        if scheduler not in ("cosine", "plateau"):
+            raise ValueError(f"model.scheduler must be 'cosine' or 'plateau', got {scheduler!r}")
+        class_names = _plain(class_names)
+        net = _plain(net) or {}
+        self.save_hyperparameters()
+        self.net = UNet2d(in_channels=1, out_channels=len(class_names), **net)
+        self.criterion = BCEDiceLoss(bce_weight=bce_weight, dice_weight=dice_weight)
+        self.train_metrics = SegmentationMetrics(class_names, threshold)
+        self.val_metrics = SegmentationMetrics(class_names, threshold)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def _shared_step(self, batch: dict[str, Tensor], metrics: SegmentationMetrics) -> Tensor:
+        logits = self(batch["image"])  # (B, C, H, W)
+        masks = (batch["labelled"], batch["valid"])
+        loss = self.criterion(logits, batch["target"], *masks)
+        metrics.update(logits.detach().sigmoid(), batch["target"], *masks)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._shared_step(batch, self.train_metrics)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
+                 batch_size=batch["image"].shape[0])  # fmt: skip
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train", self.train_metrics)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss = self._shared_step(batch, self.val_metrics)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=batch["image"].shape[0])  # fmt: skip
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def _log_metrics(self, stage: str, metrics: SegmentationMetrics) -> None:
+        # compute() is already synchronised across ranks; classes without labels are absent.
+        values = metrics.compute()
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
+        metrics.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        if self.hparams.scheduler == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, factor=self.hparams.plateau_factor,
+                patience=self.hparams.plateau_patience,
+            )  # fmt: skip
+            config = {"interval": "epoch", "monitor": self.hparams.plateau_monitor}
+        else:
+            total_steps = self.trainer.estimated_stepping_batches
+            if total_steps == float("inf"):
+                raise ValueError(
+                    "model.scheduler=cosine needs a finite trainer.max_epochs or max_steps "
+                    "(it decays to 0 at the end); set one, or use model.scheduler=plateau"
+                )
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(total_steps))
+            config = {"interval": "step"}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "name": "train/lr", **config}}  # fmt: skip

@@ -1,0 +1,127 @@
+"""End to end: the real entry point, configs, checkpoints and TensorBoard logs on a tiny run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from joenet.lit_module import SegmentationLitModule
+from joenet.train import train
+from tests.conftest import compose_train, tiny_overrides
+
+EXPERIMENTS = ["strided_down", "maxpool_down", "bilinear_up"]
+
+
+def _tensorboard_tags(run_dir: Path) -> dict[str, list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    return events.Tags()
+
+
+def _assert_run_dir(run_dir: Path) -> None:
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    assert "joenet.train" in (run_dir / "command.txt").read_text()
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["packages"]["torch"] and info["packages"]["lightning"]
+    assert "commit" in info["git"]
+    tags = _tensorboard_tags(run_dir)
+    scalars = set(tags["scalars"])
+    for key in ("train/loss_step", "train/loss_epoch", "val/loss", "val/dice", "val/iou",
+                "val/dice_mito", "val/dice_nuclei", "val/iou_mito", "val/precision_nuclei",
+                "val/recall_mito", "val/accuracy_mito", "train/dice_mito", "train/lr"):  # fmt: skip
+        assert key in scalars, f"{key} not logged; have {sorted(scalars)}"
+    assert {"val/images_nuclei", "val/images_mito"} <= set(tags["images"])
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_train_each_experiment(experiment: str, data_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = compose_train([f"experiment={experiment}", *tiny_overrides(data_dir, run_dir)])
+    metrics = train(cfg)
+    _assert_run_dir(run_dir)
+    assert 0.0 <= metrics["val/dice_mito"] <= 1.0
+    # The checkpoint alone rebuilds the model, and holds only tensors and primitives.
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["net"]["down"] == cfg.model.net.down
+    model = SegmentationLitModule.load_from_checkpoint(
+        run_dir / "checkpoints" / "best.ckpt", weights_only=True
+    )
+    assert model.hparams.net == checkpoint["hyper_parameters"]["net"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, checkpoint["state_dict"][name])
+    assert model(torch.rand(1, 1, 32, 32)).shape == (1, 2, 32, 32)
+
+
+def test_resume_from_last_checkpoint(cfg_tiny: DictConfig, data_dir: Path, tmp_path: Path) -> None:
+    train(cfg_tiny)
+    last = Path(cfg_tiny.paths.output_dir) / "checkpoints" / "last.ckpt"
+    resumed = compose_train(
+        [*tiny_overrides(data_dir, tmp_path / "resumed"), "trainer.max_epochs=3",
+         f"ckpt_path={last}"]
+    )  # fmt: skip
+    train(resumed)
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 2  # 2 epochs from the first run, 1 more after resuming
+
+
+def test_plateau_scheduler_and_mito_only_volume(cfg_tiny: DictConfig, tmp_path: Path) -> None:
+    import zarr
+
+    source = zarr.open_group(cfg_tiny.data.path, mode="r")
+    mito_only = zarr.open_group(str(tmp_path / "mito_only.zarr"), mode="w")
+    for key in ("raw", "labels/mito"):
+        mito_only.create_array(key, data=source[key][...], chunks=(1, 96, 96))
+    cfg_tiny.data.path = str(tmp_path / "mito_only.zarr")
+    cfg_tiny.data.synthetic = None
+    cfg_tiny.model.scheduler = "plateau"
+    metrics = train(cfg_tiny)
+    assert "val/dice_mito" in metrics
+    assert not any("nuclei" in key for key in metrics)  # an unlabelled class is not logged
+    tags = set(_tensorboard_tags(Path(cfg_tiny.paths.output_dir))["scalars"])
+    assert not any("nuclei" in tag for tag in tags)
+    assert "train/lr" in tags
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "joenet.train", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cli_multirun_from_another_directory(data_dir: Path, tmp_path: Path) -> None:
+    overrides = [o for o in tiny_overrides(data_dir, tmp_path) if not o.startswith("paths.output")]
+    result = _run_cli(
+        ["-m", "experiment=strided_down,maxpool_down", f"paths.log_dir={tmp_path / 'logs'}",
+         *overrides],
+        cwd=tmp_path,  # configs are found from any working directory
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*/*"))
+    job_dirs = [run for run in runs if run.name.isdigit()]
+    assert len(job_dirs) == 2
+    for job_dir in job_dirs:
+        _assert_run_dir(job_dir)
+    downs = sorted((job_dir / "config.yaml").read_text().count("down: maxpool")
+                   for job_dir in job_dirs)  # fmt: skip
+    assert downs == [0, 1]
+
+
+def test_unknown_experiment_is_a_clear_error(tmp_path: Path) -> None:
+    result = _run_cli(["experiment=no_such_experiment"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "no_such_experiment" in result.stderr
+    assert "strided_down" in result.stderr  # Hydra lists the available options
