@@ -72,3 +72,17 @@ def test_ranks_draw_different_patches(volume_path: Path) -> None:
         positions.append(torch.cat([b["position"] for b in loader]))
     assert len(positions[0]) == len(positions[1]) == 4
     assert not torch.equal(positions[0], positions[1])
+
+
+def test_parameters_drawn_in_workers_match_drawing_on_device(volume_path: Path) -> None:
+    dm = _datamodule(volume_path)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert "augment_params" in batch  # drawn by the collate function, in the workers
+    dm.trainer = SimpleNamespace(training=True)
+    from_workers = dm.on_after_batch_transfer(dict(batch), 0)
+    batch.pop("augment_params")
+    on_device = dm.augment(batch)
+    for key in ("image", "target", "valid"):
+        assert torch.equal(from_workers[key], on_device[key])
+    assert "augment_params" not in from_workers

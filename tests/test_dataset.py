@@ -41,9 +41,7 @@ def test_same_seed_gives_same_patches(volume: ZarrVolume) -> None:
     assert len(positions) > 5  # positions really are random
     next_epoch = {tuple(first[10 + i]["position"].tolist()) for i in range(10)}
     assert positions != next_epoch
-    assert any(
-        not torch.equal(first[i]["position"], other_seed[i]["position"]) for i in range(10)
-    )
+    assert any(not torch.equal(first[i]["position"], other_seed[i]["position"]) for i in range(10))
 
 
 def test_training_windows_stay_in_their_slices(volume: ZarrVolume) -> None:

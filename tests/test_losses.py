@@ -34,8 +34,14 @@ def test_equals_hand_computation() -> None:
         z = logits[0, channel, 0].tolist()
         t = target[0, channel, 0].tolist()
         p = [1 / (1 + math.exp(-v)) for v in z]
-        bce = sum(-(ti * math.log(pi) + (1 - ti) * math.log(1 - pi)) for pi, ti in zip(p, t)) / 2
-        dice = (2 * sum(pi * ti for pi, ti in zip(p, t)) + 1) / (sum(p) + sum(t) + 1)
+        bce = (
+            sum(
+                -(ti * math.log(pi) + (1 - ti) * math.log(1 - pi))
+                for pi, ti in zip(p, t, strict=True)
+            )
+            / 2
+        )
+        dice = (2 * sum(pi * ti for pi, ti in zip(p, t, strict=True)) + 1) / (sum(p) + sum(t) + 1)
         expected.append(bce + 1 - dice)
     loss = BCEDiceLoss(smooth=1.0)(logits, target)
     assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-6)

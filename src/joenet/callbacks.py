@@ -44,7 +44,7 @@ class ValidationImageLogger(L.Callback):
 def _panel(image: Tensor, target: Tensor, probs: Tensor, gap: int = 2) -> Tensor:
     """(1, rows * (S + gap), 3 * S + 2 * gap) grey image: input | truth | prediction per row."""
     rows = []
-    for img, tgt, prb in zip(image[:, 0], target, probs):
+    for img, tgt, prb in zip(image[:, 0], target, probs, strict=True):
         spacer = torch.ones(img.shape[0], gap)
         rows.append(torch.cat([img, spacer, tgt, spacer, prb], dim=1))
         rows.append(torch.ones(gap, rows[-1].shape[1]))

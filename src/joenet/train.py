@@ -14,7 +14,7 @@ register_resolvers()
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
-    """Instantiate each entry of a config group such as ``callbacks``, skipping disabled (null) ones."""
+    """Instantiate each entry of a config group such as ``callbacks``, skipping null ones."""
     if not group:
         return []
     return [instantiate(node) for node in group.values() if node and "_target_" in node]

@@ -1,4 +1,4 @@
-"""LightningDataModule: Z-split regions of a zarr volume, random training patches, fixed val tiles."""
+"""LightningDataModule: Z-split regions of a zarr volume, random patches, fixed val tiles."""
 
 from __future__ import annotations
 
@@ -8,12 +8,30 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from joenet.data.augment import BatchAugment
 from joenet.data.dataset import RandomPatchDataset, Region, ShardSampler, TileDataset
 from joenet.data.synthetic import ensure_synthetic_volume
 from joenet.data.volume import VolumeError, ZarrVolume
+
+_PARAMS_KEY = "augment_params"
+
+
+class _CollateWithAugmentParams:
+    """Collate, then draw the batch's augmentation parameters from the samples' seeds.
+
+    Drawing in the workers keeps that CPU work out of the training process and means the device
+    never has to send seeds back to the host (a synchronisation) before augmenting.
+    """
+
+    def __init__(self, augment: BatchAugment):
+        self.augment = augment
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = default_collate(samples)
+        batch[_PARAMS_KEY] = self.augment.sample_params(batch["seed"])
+        return batch
 
 
 class EMDataModule(L.LightningDataModule):
@@ -38,7 +56,8 @@ class EMDataModule(L.LightningDataModule):
         synthetic: when given, ``path`` is the cache of the built-in synthetic volume and these
             are the keyword arguments of ``ensure_synthetic_volume`` (shape, seed).
         cache_bytes: volumes up to this size are held in memory (see ``ZarrVolume``).
-        multiprocessing_context: worker start method (``spawn`` as on macOS); None: platform default.
+        multiprocessing_context: worker start method (``spawn`` as on macOS); None: the
+            platform's default.
     """
 
     def __init__(
@@ -115,29 +134,33 @@ class EMDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
-    def _loader(self, dataset: Any, sampler: ShardSampler, persistent: bool) -> DataLoader:
+    def _loader(self, dataset: Any, sampler: ShardSampler, collate_fn: Any = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
+            collate_fn=collate_fn,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=persistent and self.num_workers > 0,
+            persistent_workers=self.num_workers > 0,
             multiprocessing_context=self.multiprocessing_context if self.num_workers else None,
         )
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
         sampler = ShardSampler(self.patches_per_epoch, rank, world)
-        return self._loader(self.train_dataset, sampler, persistent=True)
+        return self._loader(self.train_dataset, sampler, _CollateWithAugmentParams(self.augment))
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
         sampler = ShardSampler(len(self.val_dataset), rank, world, offset_by_epoch=False)
-        return self._loader(self.val_dataset, sampler, persistent=True)
+        return self._loader(self.val_dataset, sampler)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        params = batch.pop(_PARAMS_KEY, None)
         trainer = self.trainer
-        if trainer is not None and trainer.training:
+        if trainer is None or not trainer.training:
+            return batch
+        if params is None:  # a batch from another loader: draw the parameters here
             return self.augment(batch)
-        return batch
+        return self.augment.apply(batch, params)

@@ -87,7 +87,10 @@ def _tile_starts(length: int, tile: int) -> list[tuple[int, int]]:
     starts = list(range(0, length - tile + 1, tile))
     if starts[-1] + tile < length:
         starts.append(length - tile)  # a last tile flush with the edge overlaps its neighbour
-    return [(s, max(0, (previous + tile) - s)) for s, previous in zip(starts, [-tile, *starts])]
+    return [
+        (s, max(0, (previous + tile) - s))
+        for s, previous in zip(starts, [-tile, *starts[:-1]], strict=True)
+    ]
 
 
 class TileDataset(Dataset):
@@ -121,16 +124,14 @@ class TileDataset(Dataset):
 
 
 class ShardSampler(Sampler[int]):
-    """This rank's share of an epoch's sample ids: ``epoch * size + i`` for ``i = rank, rank + world...``.
+    """This rank's share of an epoch's ids: ``epoch * size + i``, ``i = rank, rank + world, ...``.
 
     Unlike ``DistributedSampler`` it never pads with duplicates, so validation counts every tile
     exactly once over all ranks. ``set_epoch`` (called by Lightning each epoch) moves training to
     the next epoch's ids; validation samplers keep ``offset_by_epoch=False``.
     """
 
-    def __init__(
-        self, size: int, rank: int = 0, world_size: int = 1, offset_by_epoch: bool = True
-    ):
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, offset_by_epoch: bool = True):
         self.size = size
         self.rank = rank
         self.world_size = world_size

@@ -58,7 +58,9 @@ class ZarrVolume:
             raise VolumeError(f"{self.path}: no '{self.raw_key}' array (expected raw (z, y, x))")
         raw = group[self.raw_key]
         if raw.ndim != 3:
-            raise VolumeError(f"{self.path}/{self.raw_key}: expected 3 axes (z, y, x), got {raw.shape}")
+            raise VolumeError(
+                f"{self.path}/{self.raw_key}: expected 3 axes (z, y, x), got {raw.shape}"
+            )
         if raw.dtype not in _RANGE and raw.dtype.kind != "f":
             raise VolumeError(
                 f"{self.path}/{self.raw_key}: unsupported dtype {raw.dtype} "
@@ -67,7 +69,7 @@ class ZarrVolume:
         labels: list[zarr.Array | None] = []
         for name in self.class_names:
             key = f"labels/{name}"
-            label = group[key] if key in group else None
+            label = group.get(key)
             if label is not None and label.shape != raw.shape:
                 raise VolumeError(
                     f"{self.path}/{key}: shape {label.shape} differs from raw {raw.shape}"

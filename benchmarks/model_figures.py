@@ -1,0 +1,70 @@
+"""Print the size, cost and receptive field of each UNet2d variant as a markdown table.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts 2 FLOPs per
+multiply-accumulate of convolutions and matrix products only: batch norm, activations, additions,
+pooling and bilinear interpolation are not counted (a small share of the arithmetic, not of the
+memory traffic). The training step is forward + backward of a BCE loss, batch of one.
+
+Usage: ``python benchmarks/model_figures.py``
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+from joenet.model import UNet2d
+
+PATCH = (1, 1, 256, 256)  # (B, C, H, W): one seed-sized grayscale patch
+
+
+def _conv_backward_flop(
+    grad_out_shape: list[int],
+    x_shape: list[int],
+    w_shape: list[int],
+    *args: Any,
+    **kwargs: Any,
+) -> int:
+    # torch's own formula (2.13) counts the weight gradient of a grouped conv `groups` times over,
+    # which inflates the depthwise bottleneck's backward 128x (cf. pytorch/pytorch PR 183405).
+    # Every multiply of the forward conv reappears exactly once in the input gradient and once in
+    # the weight gradient, so each requested gradient costs one forward conv.
+    transposed, output_mask = args[4], args[7]
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def _gflops(model: UNet2d, train: bool) -> float:
+    x = torch.rand(PATCH)
+    model.train(train)
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        if train:
+            logits = model(x)
+            F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits)).backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def main() -> None:
+    """Print one markdown row per down x up variant of the default UNet2d."""
+    print("| down | up | parameters | forward GFLOPs | train-step GFLOPs | receptive field (px) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for down, up in itertools.product(["strided", "maxpool"], ["transposed", "bilinear"]):
+        model = UNet2d(down=down, up=up)
+        params = sum(p.numel() for p in model.parameters())
+        print(
+            f"| {down} | {up} | {params:,} | {_gflops(model, train=False):.2f} "
+            f"| {_gflops(model, train=True):.2f} | {model.receptive_field()} |"
+        )
+    print(f"\nUNet2d defaults otherwise; FLOPs per {'x'.join(map(str, PATCH))} patch.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Building blocks of the joenet U-Net: pure ``nn.Module``s, no configuration logic.
+
+References:
+    - Pre-activation block: He et al., "Identity Mappings in Deep Residual Networks" (ResNet-v2,
+      2016).
+    - Depthwise large-kernel block: Liu et al., "A ConvNet for the 2020s" (ConvNeXt, 2022).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from torch import nn
+
+Activation = Literal["gelu", "leaky_relu"]
+DownKind = Literal["strided", "maxpool"]
+UpKind = Literal["transposed", "bilinear"]
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def make_activation(name: Activation) -> nn.Module:
+    """Build the activation called ``name``.
+
+    Args:
+        name: ``"gelu"`` or ``"leaky_relu"`` (negative slope 0.01).
+
+    Returns:
+        A fresh activation module.
+    """
+    _check_choice("activation", name, get_args(Activation))
+    if name == "gelu":
+        return nn.GELU()
+    # Not in-place: with pre-activation the block input feeds the shortcut too.
+    return nn.LeakyReLU(0.01, inplace=False)
+
+
+class PreActResBlock(nn.Module):
+    """ResNet-v2 block: (BN -> act -> conv3x3) x 2, plus an identity or 1x1-conv shortcut.
+
+    Args:
+        in_channels: Channels of the input.
+        out_channels: Channels of the output; a 1x1 conv shortcut is used when they differ.
+        activation: ``"gelu"`` or ``"leaky_relu"``.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, activation: Activation = "gelu"
+    ) -> None:
+        super().__init__()
+        # Convs have no bias: each is followed by a BN (directly or in the next block) whose
+        # shift makes a bias redundant.
+        self.residual = nn.Sequential(
+            nn.BatchNorm2d(in_channels),
+            make_activation(activation),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            make_activation(activation),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if in_channels == out_channels
+            else nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x) + self.shortcut(x)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Bottleneck block: BN -> GELU -> depthwise kxk -> BN -> GELU -> 1x1 conv, plus a shortcut.
+
+    The depthwise kernel buys receptive field cheaply (``k * k * C`` weights instead of
+    ``k * k * C * C``); the 1x1 conv mixes channels.
+
+    Args:
+        in_channels: Channels of the input.
+        out_channels: Channels of the output; a 1x1 conv shortcut is used when they differ.
+        kernel_size: Odd side of the depthwise kernel.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size must be a positive odd number so 'same' padding keeps the size, "
+                f"got {kernel_size}: use e.g. 5 or 7"
+            )
+        self.residual = nn.Sequential(
+            nn.BatchNorm2d(in_channels),
+            nn.GELU(),
+            nn.Conv2d(
+                in_channels,
+                in_channels,
+                kernel_size,
+                padding=kernel_size // 2,
+                groups=in_channels,
+                bias=False,
+            ),
+            nn.BatchNorm2d(in_channels),
+            nn.GELU(),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if in_channels == out_channels
+            else nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x) + self.shortcut(x)
+
+
+class Down(nn.Module):
+    """Halve height and width.
+
+    ``"strided"`` is a 2x2 stride-2 conv from ``in_channels`` to ``out_channels``. ``"maxpool"``
+    cannot change the width, so it ignores ``out_channels`` and keeps ``in_channels``; the next
+    block widens through its 1x1 shortcut. Read :attr:`out_channels` to know what comes out.
+
+    Args:
+        in_channels: Channels of the input.
+        out_channels: Requested channels of the output (``"strided"`` only).
+        kind: ``"strided"`` or ``"maxpool"``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kind: DownKind = "strided") -> None:
+        super().__init__()
+        _check_choice("down", kind, get_args(DownKind))
+        self.out_channels = out_channels if kind == "strided" else in_channels
+        self.op: nn.Module = (
+            nn.Conv2d(in_channels, out_channels, 2, stride=2)
+            if kind == "strided"
+            else nn.MaxPool2d(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Up(nn.Module):
+    """Double height and width and map ``in_channels`` to ``out_channels``.
+
+    ``"transposed"`` is a 2x2 stride-2 transposed conv. ``"bilinear"`` interpolates
+    (``align_corners=False``) and then applies a 3x3 conv, which avoids the checkerboard
+    pattern of transposed convs at the cost of a conv at the fine resolution.
+
+    Args:
+        in_channels: Channels of the input.
+        out_channels: Channels of the output.
+        kind: ``"transposed"`` or ``"bilinear"``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kind: UpKind = "transposed") -> None:
+        super().__init__()
+        _check_choice("up", kind, get_args(UpKind))
+        self.op: nn.Module = (
+            nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+            if kind == "transposed"
+            else nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
