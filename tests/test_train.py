@@ -54,6 +54,10 @@ def test_train_each_experiment(experiment: str, data_dir: Path, tmp_path: Path) 
     # The checkpoint alone rebuilds the model, and holds only tensors and primitives.
     checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["net"]["down"] == cfg.model.net.down
+    data_state = checkpoint["EMDataModule"]  # what prediction needs to know about the data
+    assert data_state["class_names"] == ["nuclei", "mito"]
+    assert data_state["voxel_size_nm"] == [8, 8, 8]
+    assert data_state["normalization"] == {"kind": "dtype_range"}
     model = SegmentationLitModule.load_from_checkpoint(
         run_dir / "checkpoints" / "best.ckpt", weights_only=True
     )

@@ -121,6 +121,19 @@ class EMDataModule(L.LightningDataModule):
         self.train_dataset = RandomPatchDataset([train], window, self.patches_per_epoch, self.seed)
         self.val_dataset = TileDataset([val], self.patch_size)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What prediction needs to treat new data like the training data; saved in checkpoints.
+
+        Lightning stores it under ``checkpoint["EMDataModule"]``.
+        """
+        volume = self.train_dataset.regions[0].volume if self.train_dataset else None
+        return {
+            "class_names": list(self.class_names),
+            "patch_size": self.patch_size,
+            "voxel_size_nm": volume.voxel_size_nm if volume else None,
+            "normalization": {"kind": "dtype_range"},  # uint8 / 255, uint16 / 65535, float clip
+        }
+
     def _region(self, volume: ZarrVolume, z_range: tuple, key: str) -> Region:
         depth = volume.shape[0]
         if len(z_range) != 2 or not 0 <= z_range[0] < z_range[1] <= depth:

@@ -11,6 +11,15 @@ import zarr
 _RANGE = {np.dtype("uint8"): 255.0, np.dtype("uint16"): 65535.0}
 
 
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """Intensities as float32 in [0, 1]: uint8 / 255, uint16 / 65535, floats clipped."""
+    if image.dtype.kind == "f":
+        return np.clip(image, 0.0, 1.0).astype(np.float32)
+    if image.dtype not in _RANGE:
+        raise ValueError(f"unsupported dtype {image.dtype} (expected uint8, uint16 or float)")
+    return image.astype(np.float32) / _RANGE[image.dtype]
+
+
 class VolumeError(ValueError):
     """A volume that cannot be used as given; the message names the file and what was expected."""
 
@@ -43,6 +52,8 @@ class ZarrVolume:
         self.cache_bytes = cache_bytes
         raw, labels = self._open()
         self.shape: tuple[int, int, int] = tuple(raw.shape)  # type: ignore[assignment]
+        voxel_size = zarr.open_group(self.path, mode="r").attrs.get("voxel_size_nm")
+        self.voxel_size_nm: list[float] | None = list(voxel_size) if voxel_size else None
         self.dtype = raw.dtype
         self.labelled = tuple(label is not None for label in labels)
         self._arrays: tuple | None = None
@@ -100,11 +111,7 @@ class ZarrVolume:
         """
         raw, labels = self._load()
         window = (z, slice(y, y + size), slice(x, x + size))
-        image = np.asarray(raw[window])
-        if image.dtype.kind == "f":
-            image = np.clip(image, 0.0, 1.0).astype(np.float32)
-        else:
-            image = image.astype(np.float32) / _RANGE[image.dtype]
+        image = to_unit_range(np.asarray(raw[window]))
         target = np.zeros((len(labels), size, size), dtype=np.uint8)
         for channel, label in enumerate(labels):
             if label is not None:
