@@ -20,11 +20,29 @@ def test_volume_reads_normalised_image_and_masks(volume: ZarrVolume, volume_path
     import zarr
 
     group = zarr.open_group(str(volume_path), mode="r")
-    image, target = volume.read(3, 10, 20, 32)
+    image, target, valid = volume.read(3, 10, 20, 32)
     assert image.shape == (1, 32, 32) and image.dtype == np.float32
     np.testing.assert_allclose(image[0] * 255, group["raw"][3, 10:42, 20:52], atol=1e-4)
     np.testing.assert_array_equal(target[1], group["labels/mito"][3, 10:42, 20:52])
+    assert valid.shape == (1, 32, 32) and valid.all()  # no labels/mask: every pixel counts
     assert volume.labelled == (True, True)
+    image, target, valid = volume.read(3, 0, 0, (96, 64))  # a whole-height strip
+    assert image.shape == (1, 96, 64) and target.shape == (2, 96, 64)
+
+
+def test_ignore_mask_marks_unannotated_pixels(tmp_path: Path) -> None:
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "masked.zarr"), mode="w")
+    group.create_array("raw", data=np.full((2, 32, 32), 100, dtype=np.uint8))
+    group.create_array("labels/mito", data=np.ones((2, 32, 32), dtype=np.uint8))
+    mask = np.zeros((2, 32, 32), dtype=np.uint8)
+    mask[:, :16] = 1  # only the top half was annotated
+    group.create_array("labels/mask", data=mask)
+    volume = ZarrVolume(tmp_path / "masked.zarr")
+    sample = TileDataset([Region(volume, 0, 2)], size=32)[1]
+    assert sample["valid"][0, :16].eq(1).all() and sample["valid"][0, 16:].eq(0).all()
+    assert volume.labelled == (False, True)  # the mask is not a class
 
 
 def test_same_seed_gives_same_patches(volume: ZarrVolume) -> None:

@@ -33,11 +33,11 @@ class Region:
 
 
 def _sample(volume_index: int, volume: ZarrVolume, z: int, y: int, x: int, size: int) -> dict:
-    image, target = volume.read(z, y, x, size)
+    image, target, valid = volume.read(z, y, x, size)
     return {
         "image": torch.from_numpy(image),
         "target": torch.from_numpy(target).float(),
-        "valid": torch.ones(1, size, size),
+        "valid": torch.from_numpy(valid).float(),
         "labelled": torch.tensor(volume.labelled, dtype=torch.bool),
         "position": torch.tensor([volume_index, z, y, x], dtype=torch.int64),
     }

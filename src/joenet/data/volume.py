@@ -32,6 +32,9 @@ class ZarrVolume:
     whose arrays fit in ``cache_bytes`` is loaded into memory once per process, as the seed's
     dataset does; a larger one is read patch by patch from its chunks.
 
+    An optional ``labels/mask`` array marks annotated pixels (0 = not annotated): such pixels are
+    excluded from loss and metrics through the ``valid`` map that ``read`` returns.
+
     Args:
         path: the zarr group.
         class_names: output channels; a class without ``labels/<class>`` is reported unlabelled.
@@ -50,7 +53,7 @@ class ZarrVolume:
         self.class_names = list(class_names)
         self.raw_key = raw_key
         self.cache_bytes = cache_bytes
-        raw, labels = self._open()
+        raw, labels, _ = self._open()
         self.shape: tuple[int, int, int] = tuple(raw.shape)  # type: ignore[assignment]
         voxel_size = zarr.open_group(self.path, mode="r").attrs.get("voxel_size_nm")
         self.voxel_size_nm: list[float] | None = list(voxel_size) if voxel_size else None
@@ -58,7 +61,7 @@ class ZarrVolume:
         self.labelled = tuple(label is not None for label in labels)
         self._arrays: tuple | None = None
 
-    def _open(self) -> tuple[zarr.Array, list[zarr.Array | None]]:
+    def _open(self) -> tuple[zarr.Array, list[zarr.Array | None], zarr.Array | None]:
         if not Path(self.path).exists() and "://" not in self.path:
             raise VolumeError(f"{self.path}: no such file or directory (expected a zarr group)")
         try:
@@ -78,15 +81,14 @@ class ZarrVolume:
                 "(expected uint8, uint16 or float)"
             )
         labels: list[zarr.Array | None] = []
-        for name in self.class_names:
-            key = f"labels/{name}"
+        for key in [f"labels/{name}" for name in self.class_names] + ["labels/mask"]:
             label = group.get(key)
             if label is not None and label.shape != raw.shape:
                 raise VolumeError(
                     f"{self.path}/{key}: shape {label.shape} differs from raw {raw.shape}"
                 )
             labels.append(label)
-        return raw, labels
+        return raw, labels[:-1], labels[-1]
 
     def __getstate__(self) -> dict:
         # Workers reopen the store; a cached copy is not worth pickling into each of them.
@@ -94,26 +96,37 @@ class ZarrVolume:
 
     def _load(self) -> tuple:
         if self._arrays is None:
-            raw, labels = self._open()
-            nbytes = raw.nbytes + sum(label.nbytes for label in labels if label is not None)
-            if nbytes <= self.cache_bytes:
-                raw = raw[...]
-                labels = [None if label is None else label[...] for label in labels]
-            self._arrays = (raw, labels)
+            raw, labels, mask = self._open()
+            arrays = [raw, *labels, mask]
+            if sum(a.nbytes for a in arrays if a is not None) <= self.cache_bytes:
+                raw, labels, mask = (
+                    raw[...],
+                    [None if label is None else label[...] for label in labels],
+                    None if mask is None else mask[...],
+                )
+            self._arrays = (raw, labels, mask)
         return self._arrays
 
-    def read(self, z: int, y: int, x: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``size`` x ``size`` window of slice ``z`` whose top-left corner is (y, x).
+    def read(
+        self, z: int, y: int, x: int, size: int | tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The window of slice ``z`` whose top-left corner is (y, x), ``size`` = side or (h, w).
 
         Returns:
-            image (1, size, size) float32 in [0, 1] and target (C, size, size) uint8 (zeros for
-            unlabelled classes: callers mask them with ``labelled``).
+            image (1, h, w) float32 in [0, 1], target (C, h, w) uint8 (zeros for unlabelled
+            classes: callers mask them with ``labelled``) and valid (1, h, w) uint8 (0 where
+            ``labels/mask`` says the pixel is not annotated).
         """
-        raw, labels = self._load()
-        window = (z, slice(y, y + size), slice(x, x + size))
+        height, width = (size, size) if isinstance(size, int) else size
+        raw, labels, mask = self._load()
+        window = (z, slice(y, y + height), slice(x, x + width))
         image = to_unit_range(np.asarray(raw[window]))
-        target = np.zeros((len(labels), size, size), dtype=np.uint8)
+        target = np.zeros((len(labels), height, width), dtype=np.uint8)
         for channel, label in enumerate(labels):
             if label is not None:
                 target[channel] = label[window]
-        return image[None], target
+        if mask is None:
+            valid = np.ones((1, height, width), dtype=np.uint8)
+        else:
+            valid = (np.asarray(mask[window]) != 0).astype(np.uint8)[None]
+        return image[None], target, valid
