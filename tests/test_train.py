@@ -129,3 +129,53 @@ def test_unknown_experiment_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "no_such_experiment" in result.stderr
     assert "strided_down" in result.stderr  # Hydra lists the available options
+
+
+def test_init_from_starts_from_checkpoint_weights(
+    cfg_tiny: DictConfig, data_dir: Path, tmp_path: Path
+) -> None:
+    train(cfg_tiny)
+    source = Path(cfg_tiny.paths.output_dir) / "checkpoints" / "last.ckpt"
+    # lr=0: the fine-tuned parameters must stay exactly the loaded ones.
+    cfg = compose_train([*tiny_overrides(data_dir, tmp_path / "tuned"), f"init_from={source}",
+                         "model.lr=0.0", "trainer.max_epochs=1"])  # fmt: skip
+    train(cfg)
+    before = torch.load(source, weights_only=True)["state_dict"]
+    after = torch.load(tmp_path / "tuned" / "checkpoints" / "last.ckpt", weights_only=True)
+    model = SegmentationLitModule(net={"channels": [4, 8, 16, 32]})
+    for name, _ in model.named_parameters():
+        assert torch.equal(before[name], after["state_dict"][name]), name
+
+
+def test_init_from_incompatible_checkpoint_is_a_clear_error(
+    cfg_tiny: DictConfig, tmp_path: Path
+) -> None:
+    train(cfg_tiny)
+    source = Path(cfg_tiny.paths.output_dir) / "checkpoints" / "last.ckpt"
+    model = SegmentationLitModule(net={"channels": [8, 16, 32, 64]})
+    with pytest.raises(ValueError, match=r"init_from=.*last\.ckpt: its weights do not fit"):
+        model.init_weights_from(source)
+    with pytest.raises(FileNotFoundError, match="init_from="):
+        model.init_weights_from(tmp_path / "missing.ckpt")
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "lucchi_train.zarr").is_dir(),
+    reason=f"real EM data not present at {SHARED_DATA} (only in the project's own workspace)",
+)
+def test_train_on_lucchi_logs_mito_and_no_nuclei(tmp_path: Path) -> None:
+    overrides = [
+        "experiment=strided_down", "data=lucchi", f"paths.data_dir={SHARED_DATA}",
+        f"paths.output_dir={tmp_path}", "data.patch_size=64", "data.batch_size=4",
+        "data.patches_per_epoch=8", "data.num_workers=0", "data.val_z=[132,133]",
+        "model.net.channels=[4,8,16,32]", "trainer=cpu", "trainer.max_epochs=1",
+        "+trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    metrics = train(compose_train(overrides))
+    assert {"val/iou_mito", "val/dice_mito", "val/dice"} <= set(metrics)
+    assert not any("nuclei" in key for key in metrics)
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["EMDataModule"]
+    assert state["voxel_size_nm"] == [5, 5, 5]

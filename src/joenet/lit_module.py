@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -69,6 +70,23 @@ class SegmentationLitModule(L.LightningModule):
         self.criterion = BCEDiceLoss(bce_weight=bce_weight, dice_weight=dice_weight)
         self.train_metrics = SegmentationMetrics(class_names, threshold)
         self.val_metrics = SegmentationMetrics(class_names, threshold)
+
+    def init_weights_from(self, path: str | Path) -> None:
+        """Load the network weights of a joenet checkpoint (``init_from=``), e.g. to fine-tune."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"init_from={path}: no such checkpoint file")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.get("state_dict", checkpoint)
+        weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+        try:
+            self.net.load_state_dict(weights)
+        except RuntimeError as err:
+            detail = str(err).splitlines()[1:3] or [str(err)]
+            raise ValueError(
+                f"init_from={path}: its weights do not fit model.net={dict(self.hparams.net)} "
+                f"(trained with net={checkpoint.get('hyper_parameters', {}).get('net')}): "
+                + " ".join(line.strip() for line in detail)
+            ) from None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

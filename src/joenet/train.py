@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from joenet.config import config_dir, register_resolvers
+from joenet.lit_module import SegmentationLitModule
 from joenet.run_info import write_run_info
 
 register_resolvers()
@@ -25,7 +26,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
-    model: L.LightningModule = instantiate(cfg.model)
+    model: SegmentationLitModule = instantiate(cfg.model)
+    if cfg.get("init_from"):
+        model.init_weights_from(cfg.init_from)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
         logger=_instantiate_all(cfg.get("logger")),

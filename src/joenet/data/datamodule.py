@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
 from joenet.data.augment import BatchAugment
-from joenet.data.dataset import RandomPatchDataset, Region, ShardSampler, TileDataset
+from joenet.data.dataset import RandomPatchDataset, ShardSampler, TileDataset
+from joenet.data.sampler import Box, Region, foreground_points, start_rectangles
 from joenet.data.synthetic import ensure_synthetic_volume
 from joenet.data.volume import VolumeError, ZarrVolume
 
@@ -35,17 +37,22 @@ class _CollateWithAugmentParams:
 
 
 class EMDataModule(L.LightningDataModule):
-    """Patches of an EM volume in the zarr layout ``raw`` + ``labels/{nuclei,mito}``.
+    """Patches of EM volumes in the zarr layout ``raw`` + ``labels/{nuclei,mito}``.
 
     Training draws ``patches_per_epoch`` random windows per epoch (split over DDP ranks) from the
-    slices ``[train_z[0], train_z[1])``; validation tiles every slice of ``[val_z[0], val_z[1])``.
+    slices ``[train_z[0], train_z[1])``; validation tiles every slice of ``[val_z[0], val_z[1])``,
+    or, with a spatial ``holdout``, the holdout's YX box (which training windows never touch).
     Workers only read; augmentation runs on the whole batch on its device, after the transfer
     (``on_after_batch_transfer``), so a GPU does the resampling when there is one.
 
     Args:
-        path: the zarr group.
+        path: the zarr group (one volume); or use ``volumes``.
         train_z: half-open slice range for training (the seed's default).
-        val_z: half-open slice range for validation.
+        val_z: half-open slice range for validation (None: the training slices, with a holdout).
+        holdout: ``{"y": [start, stop], "x": [start, stop]}``, a YX box held out for validation.
+        volumes: several volumes, each a mapping with ``path`` and optionally ``train_z``,
+            ``val_z`` (None: no validation from it) and ``holdout``; missing keys take the values
+            above. Regions are drawn in proportion to their number of slices.
         class_names: output channels, in order.
         patch_size: side of the square patches the model sees (a multiple of 16).
         batch_size: per device.
@@ -53,18 +60,23 @@ class EMDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes (0 reads in the main process).
         seed: run seed; sample positions and augmentation derive from (seed, epoch, index).
         augment: keyword arguments of ``BatchAugment`` (empty: its defaults).
+        foreground_fraction: share of training windows centred on a labelled object.
+        reject_constant: redraw training windows of constant intensity (unimaged regions).
         synthetic: when given, ``path`` is the cache of the built-in synthetic volume and these
             are the keyword arguments of ``ensure_synthetic_volume`` (shape, seed).
         cache_bytes: volumes up to this size are held in memory (see ``ZarrVolume``).
+        volume: further keyword arguments of ``ZarrVolume`` for every volume.
         multiprocessing_context: worker start method (``spawn`` as on macOS); None: the
             platform's default.
     """
 
     def __init__(
         self,
-        path: str,
+        path: str | None = None,
         train_z: Sequence[int] = (800, 880),
-        val_z: Sequence[int] = (880, 900),
+        val_z: Sequence[int] | None = (880, 900),
+        holdout: Mapping[str, Sequence[int]] | None = None,
+        volumes: Sequence[Mapping[str, Any]] | None = None,
         class_names: Sequence[str] = ("nuclei", "mito"),
         patch_size: int = 256,
         batch_size: int = 16,
@@ -72,24 +84,40 @@ class EMDataModule(L.LightningDataModule):
         num_workers: int = 2,
         seed: int = 0,
         augment: Mapping[str, Any] | None = None,
+        foreground_fraction: float = 0.0,
+        reject_constant: bool = True,
         synthetic: Mapping[str, Any] | None = None,
         cache_bytes: int = 2**30,
+        volume: Mapping[str, Any] | None = None,
         multiprocessing_context: str | None = None,
     ):
         super().__init__()
         if patch_size % 16:
             raise ValueError(f"data.patch_size must be a multiple of 16, got {patch_size}")
-        self.path = str(path)
-        self.train_z = tuple(train_z)
-        self.val_z = tuple(val_z)
+        if not 0 <= foreground_fraction <= 1:
+            raise ValueError(
+                f"data.foreground_fraction must be in [0, 1], got {foreground_fraction}"
+            )
+        if (path is None) == (volumes is None):
+            raise ValueError("give either data.path (one volume) or data.volumes (a list)")
+        defaults = {"train_z": train_z, "val_z": val_z, "holdout": holdout}
+        specs = [{"path": path}] if volumes is None else [dict(v) for v in volumes]
+        self.volume_specs = [{**defaults, **spec} for spec in specs]
+        self._keys = (
+            ["data"] if volumes is None else [f"data.volumes[{i}]" for i in range(len(specs))]
+        )
+        self.path = str(self.volume_specs[0]["path"])
         self.class_names = list(class_names)
         self.patch_size = patch_size
         self.batch_size = batch_size
         self.patches_per_epoch = patches_per_epoch
         self.num_workers = num_workers
         self.seed = seed
+        self.foreground_fraction = foreground_fraction
+        self.reject_constant = reject_constant
         self.synthetic = dict(synthetic) if synthetic else None
         self.cache_bytes = cache_bytes
+        self.volume_options = dict(volume or {})
         self.multiprocessing_context = multiprocessing_context
         self.augment = BatchAugment(patch_size=patch_size, **dict(augment or {}))
         self.train_dataset: RandomPatchDataset | None = None
@@ -102,24 +130,32 @@ class EMDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
-        volume = ZarrVolume(self.path, self.class_names, cache_bytes=self.cache_bytes)
-        train = self._region(volume, self.train_z, "data.train_z")
-        val = self._region(volume, self.val_z, "data.val_z")
-        if train.z_start < val.z_stop and val.z_start < train.z_stop:
-            raise VolumeError(
-                f"{self.path}: data.train_z {list(self.train_z)} and data.val_z "
-                f"{list(self.val_z)} overlap; validation slices must be held out"
-            )
-        window = self.augment.window
-        _, height, width = volume.shape
-        if window > min(height, width):
-            raise VolumeError(
-                f"{self.path}: slices are {height}x{width} px but training reads "
-                f"{window}x{window} windows (data.patch_size={self.patch_size} plus room for "
-                "rotation/elastic): lower data.patch_size or disable data.augment.rotate"
-            )
-        self.train_dataset = RandomPatchDataset([train], window, self.patches_per_epoch, self.seed)
-        self.val_dataset = TileDataset([val], self.patch_size)
+        train_regions, val_regions = [], []
+        for spec, key in zip(self.volume_specs, self._keys, strict=True):
+            volume = ZarrVolume(
+                str(spec["path"]), self.class_names, cache_bytes=self.cache_bytes,
+                **self.volume_options,
+            )  # fmt: skip
+            train, val = _regions(volume, spec, key, self.augment.window, self.patch_size)
+            train_regions.append(train)
+            if val is not None:
+                val_regions.append(val)
+        if not val_regions:
+            raise VolumeError(f"{self.path}: no validation data: set data.val_z or data.holdout")
+        foreground = None
+        if self.foreground_fraction > 0:
+            rng = np.random.default_rng((self.seed, 2**31))  # a stream no sample uses
+            foreground = [
+                [foreground_points(r, c, 2000, rng) if r.volume.labelled[c] else np.zeros((0, 3))
+                 for c in range(len(self.class_names))]
+                for r in train_regions
+            ]  # fmt: skip
+        self.train_dataset = RandomPatchDataset(
+            train_regions, self.augment.window, self.patches_per_epoch, self.seed,
+            foreground_fraction=self.foreground_fraction, foreground=foreground,
+            reject_constant=self.reject_constant,
+        )  # fmt: skip
+        self.val_dataset = TileDataset(val_regions, self.patch_size)
 
     def state_dict(self) -> dict[str, Any]:
         """What prediction needs to treat new data like the training data; saved in checkpoints.
@@ -131,17 +167,8 @@ class EMDataModule(L.LightningDataModule):
             "class_names": list(self.class_names),
             "patch_size": self.patch_size,
             "voxel_size_nm": volume.voxel_size_nm if volume else None,
-            "normalization": {"kind": "dtype_range"},  # uint8 / 255, uint16 / 65535, float clip
+            "normalization": getattr(volume, "normalization", {"kind": "dtype_range"}),
         }
-
-    def _region(self, volume: ZarrVolume, z_range: tuple, key: str) -> Region:
-        depth = volume.shape[0]
-        if len(z_range) != 2 or not 0 <= z_range[0] < z_range[1] <= depth:
-            raise VolumeError(
-                f"{self.path}: {key}={list(z_range)} must be [start, stop) with "
-                f"0 <= start < stop <= {depth} (the volume has {depth} slices)"
-            )
-        return Region(volume, int(z_range[0]), int(z_range[1]))
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -177,3 +204,64 @@ class EMDataModule(L.LightningDataModule):
         if params is None:  # a batch from another loader: draw the parameters here
             return self.augment(batch)
         return self.augment.apply(batch, params)
+
+
+def _z_range(volume: ZarrVolume, z_range: Sequence[int], key: str) -> tuple[int, int]:
+    depth = volume.shape[0]
+    if len(z_range) != 2 or not 0 <= z_range[0] < z_range[1] <= depth:
+        raise VolumeError(
+            f"{volume.path}: {key}={list(z_range)} must be [start, stop) with "
+            f"0 <= start < stop <= {depth} (the volume has {depth} slices)"
+        )
+    return int(z_range[0]), int(z_range[1])
+
+
+def _holdout_box(volume: ZarrVolume, holdout: Mapping, key: str, patch_size: int) -> Box:
+    _, height, width = volume.shape
+    try:
+        box = Box(int(holdout["y"][0]), int(holdout["y"][1]), int(holdout["x"][0]),
+                  int(holdout["x"][1]))  # fmt: skip
+    except (KeyError, IndexError, TypeError):
+        raise VolumeError(
+            f"{volume.path}: {key}.holdout must be {{y: [start, stop], x: [start, stop]}}, "
+            f"got {holdout}"
+        ) from None
+    if not (0 <= box.y_start < box.y_stop <= height and 0 <= box.x_start < box.x_stop <= width):
+        raise VolumeError(f"{volume.path}: {key}.holdout {holdout} is outside {height}x{width}")
+    if min(box.y_stop - box.y_start, box.x_stop - box.x_start) < patch_size:
+        raise VolumeError(
+            f"{volume.path}: {key}.holdout {holdout} is smaller than data.patch_size={patch_size}"
+        )
+    return box
+
+
+def _regions(
+    volume: ZarrVolume, spec: Mapping[str, Any], key: str, window: int, patch_size: int
+) -> tuple[Region, Region | None]:
+    """The training region and the validation region (or None) of one volume's spec."""
+    _, height, width = volume.shape
+    if window > min(height, width):
+        raise VolumeError(
+            f"{volume.path}: slices are {height}x{width} px but training reads {window}x{window} "
+            f"windows (data.patch_size={patch_size} plus room for rotation/elastic): lower "
+            "data.patch_size or disable data.augment.rotate"
+        )
+    train_z = _z_range(volume, spec["train_z"], f"{key}.train_z")
+    val_z = None if spec.get("val_z") is None else _z_range(volume, spec["val_z"], f"{key}.val_z")
+    if spec.get("holdout") is None:
+        if val_z is None:
+            return Region(volume, *train_z), None
+        if train_z[0] < val_z[1] and val_z[0] < train_z[1]:
+            raise VolumeError(
+                f"{volume.path}: {key}.train_z {list(train_z)} and {key}.val_z {list(val_z)} "
+                "overlap; validation slices must be held out (or use a spatial holdout)"
+            )
+        return Region(volume, *train_z), Region(volume, *val_z)
+    box = _holdout_box(volume, spec["holdout"], key, patch_size)
+    train = Region(volume, *train_z, exclude=box)
+    if not start_rectangles(train, window):
+        raise VolumeError(
+            f"{volume.path}: no {window} px training window fits beside {key}.holdout "
+            f"{spec['holdout']}"
+        )
+    return train, Region(volume, *(val_z or train_z), box=box)
