@@ -65,6 +65,7 @@ def register_resolvers() -> None:
         "joenet.root_dir": default_root_dir,
         "joenet.data_dir": default_data_dir,
         "joenet.precision": default_precision,
+        "joenet.has_cuda": torch.cuda.is_available,
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
