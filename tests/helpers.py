@@ -35,3 +35,19 @@ class RecordSamples(L.Callback):
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL this process at the start of a global step, once (a marker file remembers it)."""
+
+    def __init__(self, step: int, marker: str):
+        self.step = step
+        self.marker = Path(marker)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            import os
+            import signal
+
+            self.marker.write_text("killed")
+            os.kill(os.getpid(), signal.SIGKILL)

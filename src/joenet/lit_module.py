@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
@@ -44,6 +45,9 @@ class SegmentationLitModule(L.LightningModule):
         bce_weight: weight of BCE in the loss.
         dice_weight: weight of Dice in the loss.
         threshold: probability threshold of the metrics.
+        nonfinite_loss: on a NaN/Inf loss, ``stop`` training (the default: the checkpoints keep
+            the last finite weights) or ``skip`` the batch and go on; either way that step
+            never updates the weights.
     """
 
     def __init__(
@@ -59,10 +63,15 @@ class SegmentationLitModule(L.LightningModule):
         bce_weight: float = 1.0,
         dice_weight: float = 1.0,
         threshold: float = 0.5,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
         if scheduler not in ("cosine", "plateau"):
             raise ValueError(f"model.scheduler must be 'cosine' or 'plateau', got {scheduler!r}")
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(
+                f"model.nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}"
+            )
         class_names = _plain(class_names)
         net = _plain(net) or {}
         self.save_hyperparameters()
@@ -70,6 +79,7 @@ class SegmentationLitModule(L.LightningModule):
         self.criterion = BCEDiceLoss(bce_weight=bce_weight, dice_weight=dice_weight)
         self.train_metrics = SegmentationMetrics(class_names, threshold)
         self.val_metrics = SegmentationMetrics(class_names, threshold)
+        self.nonfinite_steps: list[int] = []  # global steps whose loss was NaN/Inf
 
     def init_weights_from(self, path: str | Path) -> None:
         """Load the network weights of a joenet checkpoint (``init_from=``), e.g. to fine-tune."""
@@ -98,11 +108,29 @@ class SegmentationLitModule(L.LightningModule):
         metrics.update(logits.detach().sigmoid(), batch["target"], *masks)
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss = self._shared_step(batch, self.train_metrics)
+        # One host sync per step, worth it: a NaN step would poison every weight through AdamW.
+        if not torch.isfinite(loss):
+            return self._on_nonfinite_loss(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=batch["image"].shape[0])  # fmt: skip
         return loss
+
+    def _on_nonfinite_loss(self, loss: Tensor) -> None:
+        # Returning None makes Lightning skip backward and the optimizer step for this batch.
+        self.nonfinite_steps.append(self.global_step)
+        where = f"loss {loss.item()} at epoch {self.current_epoch}, step {self.global_step}"
+        if self.hparams.nonfinite_loss == "skip":
+            rank_zero_warn(f"non-finite {where}: batch skipped (model.nonfinite_loss=skip)")
+            return None
+        rank_zero_warn(
+            f"non-finite {where}: training stops; the checkpoints keep the last finite weights. "
+            "Lower model.lr, set trainer.gradient_clip_val, check the data for NaN, or set "
+            "model.nonfinite_loss=skip"
+        )
+        self.trainer.should_stop = True
+        return None
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train", self.train_metrics)

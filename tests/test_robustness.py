@@ -1,0 +1,149 @@
+"""Nothing lost: atomic checkpoints, NaN losses, determinism, kill -9 resume, safe loading."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from joenet.checkpoint_io import AtomicCheckpointIO
+from joenet.lit_module import SegmentationLitModule
+from joenet.train import train
+from tests.conftest import compose_train, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, target)
+
+    def dies_halfway(obj, file) -> None:
+        file.write(b"PK\x03\x04 truncated")
+        raise KeyboardInterrupt  # what a kill during the write looks like to the file
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, target)
+    assert torch.load(target, weights_only=True)["step"] == 1
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # no partial file left behind
+
+
+def _fit_with_nan_at_step(cfg: DictConfig, step: int) -> tuple[SegmentationLitModule, object]:
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+
+    class Poisoned(type(model.criterion)):
+        def forward(self, logits, *args):
+            loss = super().forward(logits, *args)
+            return loss * float("nan") if model.global_step == step else loss
+
+    model.criterion = Poisoned()
+    trainer = instantiate(cfg.trainer, callbacks=[instantiate(c) for c in cfg.callbacks.values()])
+    trainer.fit(model, datamodule=datamodule)
+    return model, trainer
+
+
+def _all_finite(path: Path) -> bool:
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_nonfinite_loss_stops_and_keeps_finite_checkpoints(cfg_tiny: DictConfig) -> None:
+    cfg_tiny.trainer.max_epochs = 3
+    model, trainer = _fit_with_nan_at_step(cfg_tiny, step=3)
+    assert model.nonfinite_steps == [3]
+    assert trainer.global_step == 4  # the NaN step (3) was the last: 6 steps without it
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    checkpoints = Path(cfg_tiny.paths.output_dir) / "checkpoints"
+    assert _all_finite(checkpoints / "best.ckpt") and _all_finite(checkpoints / "last.ckpt")
+
+
+def test_nonfinite_loss_can_skip_the_batch(cfg_tiny: DictConfig) -> None:
+    cfg_tiny.trainer.max_epochs = 2
+    cfg_tiny.model.nonfinite_loss = "skip"
+    model, trainer = _fit_with_nan_at_step(cfg_tiny, step=1)
+    assert model.nonfinite_steps == [1]
+    assert trainer.current_epoch == 2  # went on to the end
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_same_seed_gives_bit_identical_runs(data_dir: Path, tmp_path: Path) -> None:
+    results, weights = [], []
+    for name in ("a", "b"):
+        cfg = compose_train(
+            [*tiny_overrides(data_dir, tmp_path / name), "trainer.deterministic=true"]
+        )
+        results.append(train(cfg))
+        weights.append(torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True))
+    assert results[0] == results[1]  # exact float equality of every logged metric
+    for key, value in weights[0]["state_dict"].items():
+        assert torch.equal(value, weights[1]["state_dict"][key]), key
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_an_uninterrupted_run(data_dir: Path, tmp_path: Path) -> None:
+    overrides = [
+        *(o for o in tiny_overrides(data_dir, tmp_path) if not o.startswith("paths.output_dir")),
+        "trainer.max_epochs=3", "trainer.deterministic=true",
+    ]  # fmt: skip
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    killed = subprocess.run(
+        [sys.executable, "-m", "joenet.train", *overrides, f"hydra.run.dir={run_dir}",
+         "+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=5",
+         f"+callbacks.kill.marker={tmp_path / 'killed.marker'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL mid-epoch 2 (steps 4, 5)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+    # The documented resume command: the run's own config, its directory, its last checkpoint.
+    resumed = subprocess.run(
+        [sys.executable, "-m", "joenet.train", f"--config-path={run_dir / '.hydra'}",
+         "--config-name=config", f"hydra.run.dir={run_dir}", "ckpt_path=last"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    uninterrupted = compose_train([*overrides, f"paths.output_dir={tmp_path / 'straight'}"])
+    train(uninterrupted)
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == straight["global_step"] == 6
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, final["state_dict"][key]), key
+
+
+class _RunsCode:
+    """Unpickling this would run code: a crafted checkpoint from an untrusted source."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_crafted_checkpoint_does_not_run_code(cfg_tiny: DictConfig, tmp_path: Path) -> None:
+    marker = tmp_path / "code_ran"
+    crafted = tmp_path / "crafted.ckpt"
+    model = SegmentationLitModule(net={"channels": [4, 8, 16, 32]})
+    torch.save({"state_dict": model.state_dict(), "payload": _RunsCode(marker)}, crafted)
+
+    with pytest.raises(pickle.UnpicklingError):
+        SegmentationLitModule.load_from_checkpoint(crafted, weights_only=True)
+    with pytest.raises(pickle.UnpicklingError):
+        model.init_weights_from(crafted)
+    trainer = instantiate(cfg_tiny.trainer, logger=False)
+    with pytest.raises(pickle.UnpicklingError):  # resuming (ckpt_path=) loads weights-only too
+        trainer.fit(model, datamodule=instantiate(cfg_tiny.data), ckpt_path=crafted)
+    assert not marker.exists()
