@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, default_collate
 
 from joenet.data.augment import BatchAugment
@@ -51,8 +52,9 @@ class EMDataModule(L.LightningDataModule):
         val_z: half-open slice range for validation (None: the training slices, with a holdout).
         holdout: ``{"y": [start, stop], "x": [start, stop]}``, a YX box held out for validation.
         volumes: several volumes, each a mapping with ``path`` and optionally ``train_z``,
-            ``val_z`` (None: no validation from it) and ``holdout``; missing keys take the values
-            above. Regions are drawn in proportion to their number of slices.
+            ``val_z`` (None: no validation from it), ``holdout`` and ``volume`` (options of its
+            own); missing keys take the values above. Regions are drawn in proportion to their
+            number of slices.
         class_names: output channels, in order.
         patch_size: side of the square patches the model sees (a multiple of 16).
         batch_size: per device.
@@ -65,7 +67,8 @@ class EMDataModule(L.LightningDataModule):
         synthetic: when given, ``path`` is the cache of the built-in synthetic volume and these
             are the keyword arguments of ``ensure_synthetic_volume`` (shape, seed).
         cache_bytes: volumes up to this size are held in memory (see ``ZarrVolume``).
-        volume: further keyword arguments of ``ZarrVolume`` for every volume.
+        volume: further keyword arguments of ``ZarrVolume`` for every volume (``raw_key``,
+            ``scale_level``, ``voxel_size_nm``, ``normalization``, ``label_keys``, ...).
         multiprocessing_context: worker start method (``spawn`` as on macOS); None: the
             platform's default.
     """
@@ -101,7 +104,7 @@ class EMDataModule(L.LightningDataModule):
         if (path is None) == (volumes is None):
             raise ValueError("give either data.path (one volume) or data.volumes (a list)")
         defaults = {"train_z": train_z, "val_z": val_z, "holdout": holdout}
-        specs = [{"path": path}] if volumes is None else [dict(v) for v in volumes]
+        specs = [{"path": path}] if volumes is None else [_plain(v) for v in volumes]
         self.volume_specs = [{**defaults, **spec} for spec in specs]
         self._keys = (
             ["data"] if volumes is None else [f"data.volumes[{i}]" for i in range(len(specs))]
@@ -117,7 +120,7 @@ class EMDataModule(L.LightningDataModule):
         self.reject_constant = reject_constant
         self.synthetic = dict(synthetic) if synthetic else None
         self.cache_bytes = cache_bytes
-        self.volume_options = dict(volume or {})
+        self.volume_options = _plain(volume or {})
         self.multiprocessing_context = multiprocessing_context
         self.augment = BatchAugment(patch_size=patch_size, **dict(augment or {}))
         self.train_dataset: RandomPatchDataset | None = None
@@ -132,10 +135,16 @@ class EMDataModule(L.LightningDataModule):
             return
         train_regions, val_regions = [], []
         for spec, key in zip(self.volume_specs, self._keys, strict=True):
+            options = {**self.volume_options, **_plain(spec.get("volume") or {})}
             volume = ZarrVolume(
-                str(spec["path"]), self.class_names, cache_bytes=self.cache_bytes,
-                **self.volume_options,
-            )  # fmt: skip
+                str(spec["path"]), self.class_names, cache_bytes=self.cache_bytes, **options
+            )
+            if volume.annotated_boxes() != [(0, volume.shape[0], 0, *volume.shape[1:2], 0,
+                                             volume.shape[2])]:  # fmt: skip
+                train, val = _crop_regions(volume, spec, key, self.augment.window, self.patch_size)
+                train_regions += train
+                val_regions += val
+                continue
             train, val = _regions(volume, spec, key, self.augment.window, self.patch_size)
             train_regions.append(train)
             if val is not None:
@@ -167,7 +176,8 @@ class EMDataModule(L.LightningDataModule):
             "class_names": list(self.class_names),
             "patch_size": self.patch_size,
             "voxel_size_nm": volume.voxel_size_nm if volume else None,
-            "normalization": getattr(volume, "normalization", {"kind": "dtype_range"}),
+            # The first training volume's; prediction normalises new data the same way.
+            "normalization": volume.normalization if volume else None,
         }
 
     def _rank_and_world(self) -> tuple[int, int]:
@@ -204,6 +214,13 @@ class EMDataModule(L.LightningDataModule):
         if params is None:  # a batch from another loader: draw the parameters here
             return self.augment(batch)
         return self.augment.apply(batch, params)
+
+
+def _plain(value: Any) -> Any:
+    """Hydra containers as plain dicts and lists (for ZarrVolume and the checkpoint)."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return dict(value) if isinstance(value, Mapping) else value
 
 
 def _z_range(volume: ZarrVolume, z_range: Sequence[int], key: str) -> tuple[int, int]:
@@ -265,3 +282,33 @@ def _regions(
             f"{spec['holdout']}"
         )
     return train, Region(volume, *(val_z or train_z), box=box)
+
+
+def _around(start: int, stop: int, size: int, limit: int) -> tuple[int, int]:
+    """``[start, stop)`` widened symmetrically to at least ``size``, kept inside ``[0, limit)``."""
+    grow = max(0, size - (stop - start))
+    start = max(0, min(start - grow // 2, limit - max(size, stop - start)))
+    return start, min(limit, start + max(size, stop - start))
+
+
+def _crop_regions(
+    volume: ZarrVolume, spec: Mapping[str, Any], key: str, window: int, patch_size: int
+) -> tuple[list[Region], list[Region]]:
+    """Regions around the annotated crops of a volume (CellMap style), split by the Z ranges.
+
+    Only crops carry labels, so windows are drawn around them (widened to the window size, so
+    a window always overlaps its crop) instead of over whole slices that are mostly unannotated.
+    """
+    _, height, width = volume.shape
+    train_z = _z_range(volume, spec["train_z"], f"{key}.train_z")
+    val_z = None if spec.get("val_z") is None else _z_range(volume, spec["val_z"], f"{key}.val_z")
+    split = {"train": ([], train_z, window), "val": ([], val_z, patch_size)}
+    for z0, z1, y0, y1, x0, x1 in volume.annotated_boxes():
+        for regions, z_range, size in split.values():
+            if z_range is None or max(z0, z_range[0]) >= min(z1, z_range[1]):
+                continue
+            box = Box(*_around(y0, y1, size, height), *_around(x0, x1, size, width))
+            regions.append(Region(volume, max(z0, z_range[0]), min(z1, z_range[1]), box=box))
+    if not split["train"][0]:
+        raise VolumeError(f"{volume.path}: no annotated crop intersects {key}.train_z {train_z}")
+    return split["train"][0], split["val"][0]

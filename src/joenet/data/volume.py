@@ -1,110 +1,349 @@
-"""Read patches from an EM volume stored as a zarr group (``raw`` plus ``labels/<class>``)."""
+"""Read patches from an EM volume in zarr: a plain ``raw`` array or an OME-Zarr multiscale image.
+
+Labels are either whole-volume masks ``labels/<class>`` or, in the CellMap layout, small crops
+placed by their physical offsets (``label_crops``). Intensities are mapped to [0, 1] by
+``normalize``; the volume reports the exact mapping it used (``ZarrVolume.normalization``) so
+prediction can repeat it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
+
+from joenet.data.ome import (
+    ImageRef,
+    MetadataError,
+    ScaleLevel,
+    box_in,
+    read_multiscale,
+    resolve_image,
+    to_index,
+)
 
 _RANGE = {np.dtype("uint8"): 255.0, np.dtype("uint16"): 65535.0}
+_PERCENTILE_CHUNKS = 32  # chunk planes sampled to estimate percentiles: enough, and cheap on S3
+
+
+def normalize(image: np.ndarray, normalization: Mapping[str, Any]) -> np.ndarray:
+    """Intensities as float32 in [0, 1], clipped.
+
+    Args:
+        image: uint8, uint16 or float (``dtype_range``), any integer or float (``fixed``).
+        normalization: ``{"kind": "dtype_range"}`` (uint8 / 255, uint16 / 65535, floats as is)
+            or ``{"kind": "fixed", "min": a, "max": b}``. A ``percentile`` dict must first be
+            resolved to ``fixed`` by ``ZarrVolume`` (its ``normalization`` attribute).
+    """
+    kind = normalization.get("kind")
+    if kind == "dtype_range":
+        if image.dtype.kind == "f":
+            return np.clip(image, 0.0, 1.0).astype(np.float32)
+        if image.dtype not in _RANGE:
+            raise ValueError(f"unsupported dtype {image.dtype} (expected uint8, uint16 or float)")
+        return image.astype(np.float32) / np.float32(_RANGE[image.dtype])
+    if kind == "fixed" and "min" in normalization and "max" in normalization:
+        low, high = float(normalization["min"]), float(normalization["max"])
+        scaled = (image.astype(np.float32) - np.float32(low)) / np.float32(high - low)
+        return np.clip(scaled, 0.0, 1.0)
+    raise ValueError(
+        f"normalization {dict(normalization)} not usable (expected kind 'dtype_range' or "
+        "'fixed' with min and max; 'percentile' is resolved to 'fixed' by ZarrVolume)"
+    )
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:
     """Intensities as float32 in [0, 1]: uint8 / 255, uint16 / 65535, floats clipped."""
-    if image.dtype.kind == "f":
-        return np.clip(image, 0.0, 1.0).astype(np.float32)
-    if image.dtype not in _RANGE:
-        raise ValueError(f"unsupported dtype {image.dtype} (expected uint8, uint16 or float)")
-    return image.astype(np.float32) / _RANGE[image.dtype]
+    return normalize(image, {"kind": "dtype_range"})
 
 
 class VolumeError(ValueError):
     """A volume that cannot be used as given; the message names the file and what was expected."""
 
 
-class ZarrVolume:
-    """One EM volume: ``raw`` (z, y, x) and optional 0/1 masks ``labels/<class>``.
+@dataclass(frozen=True)
+class _LabelPiece:
+    """One class of one label crop: where it lies in raw voxels and how its values read."""
 
-    Arrays are opened lazily (also after pickling into a DataLoader worker, so workers that use the
-    ``spawn`` start method reopen the store instead of receiving a copy of the data). A volume
-    whose arrays fit in ``cache_bytes`` is loaded into memory once per process, as the seed's
-    dataset does; a larger one is read patch by patch from its chunks.
+    crop: str
+    channel: int
+    image: ImageRef
+    shape: tuple[int, int, int]
+    box: tuple[int, int, int, int, int, int]
+    absent: int
+    unknown: int | None
+    present: int | None
+
+
+class ZarrVolume:
+    """One EM volume: a (z, y, x) image plus 0/1 class masks, read lazily window by window.
+
+    ``raw_key`` names a plain array (``raw``, the default layout), an array inside an OME-Zarr
+    multiscale group (``recon-1/em/fibsem-uint8/s0``) or the multiscale group itself (``""`` for
+    the root), in which case ``scale_level`` or ``voxel_size_nm`` picks the level (default: the
+    finest). Labels are ``labels/<key>`` arrays (or multiscale groups) of the raw's shape, or,
+    with ``label_crops``, CellMap crops: groups ``<crop>/<key>`` placed by their OME translation,
+    read at the raw window's positions; pixels outside every crop have ``valid`` = 0 and
+    ``annotated_boxes`` lists where to sample. ``<key>`` is ``label_keys.get(class, class)``.
+
+    Arrays are opened lazily (also after pickling into a DataLoader worker, which reopens the
+    store, local or URL). Raw plus labels are loaded into memory once per process when they fit
+    ``cache_bytes``; otherwise only the labels when they fit (crops are small); otherwise every
+    read touches only the chunks overlapping its window.
 
     An optional ``labels/mask`` array marks annotated pixels (0 = not annotated): such pixels are
     excluded from loss and metrics through the ``valid`` map that ``read`` returns.
 
     Args:
-        path: the zarr group.
-        class_names: output channels; a class without ``labels/<class>`` is reported unlabelled.
-        raw_key: path of the image array inside the group.
-        cache_bytes: load the arrays into memory when raw plus labels take at most this much.
+        path: the zarr group: a folder, an fsspec URL (``s3://``, ``http://``) or a zarr store.
+        class_names: output channels; a class without labels is reported unlabelled.
+        raw_key: path of the image array or multiscale group inside the group.
+        cache_bytes: memory budget for holding arrays in memory (see above).
+        scale_level: index of the multiscale level to read.
+        voxel_size_nm: (z, y, x) voxel size; picks the closest level, error when none is
+            within 10 %.
+        normalization: ``dtype_range`` (default), ``{"kind": "fixed", "min", "max"}`` or
+            ``{"kind": "percentile", "low": 0.5, "high": 99.5}`` (estimated once from a strided
+            sample of chunks, then used as ``fixed``).
+        label_keys: label array name per class, e.g. ``{"nuclei": "nuc"}``.
+        label_crops: a group whose child groups are crops, or a list of crop group paths.
+        storage_options: fsspec options for URLs, e.g. ``{"anon": True}`` for public S3.
     """
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | Store,
         class_names: Sequence[str] = ("nuclei", "mito"),
         raw_key: str = "raw",
         cache_bytes: int = 2**30,
+        *,
+        scale_level: int | None = None,
+        voxel_size_nm: Sequence[float] | None = None,
+        normalization: Mapping[str, Any] | None = None,
+        label_keys: Mapping[str, str] | None = None,
+        label_crops: str | Sequence[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ):
+        self._store = path if isinstance(path, Store) else None
         self.path = str(path)
         self.class_names = list(class_names)
         self.raw_key = raw_key
         self.cache_bytes = cache_bytes
-        raw, labels, _ = self._open()
-        self.shape: tuple[int, int, int] = tuple(raw.shape)  # type: ignore[assignment]
-        voxel_size = zarr.open_group(self.path, mode="r").attrs.get("voxel_size_nm")
-        self.voxel_size_nm: list[float] | None = list(voxel_size) if voxel_size else None
-        self.dtype = raw.dtype
-        self.labelled = tuple(label is not None for label in labels)
+        self.storage_options = dict(storage_options) if storage_options else None
         self._arrays: tuple | None = None
+        group = self._group()
+        if raw_key and group.get(raw_key) is None:
+            hint = (
+                ": this group is an OME-Zarr image, use raw_key=''"
+                if read_multiscale(group.attrs, self.path)
+                else ""
+            )
+            raise VolumeError(f"{self.path}: no '{raw_key}' array (expected raw (z, y, x)){hint}")
+        self._raw = self._resolve(group, raw_key, scale_level, voxel_size_nm)
+        raw = group[self._raw.path]
+        self.shape: tuple[int, int, int] = tuple(raw.shape[self._raw.leading :])  # type: ignore[assignment]
+        self.dtype = raw.dtype
+        level = self._raw.level
+        if level is not None:
+            self.voxel_size_nm: list[float] | None = list(level.scale) if self._raw.in_nm else None
+        else:
+            size = group.attrs.get("voxel_size_nm")
+            self.voxel_size_nm = [float(v) for v in size] if size else None
+        keys = [dict(label_keys or {}).get(name, name) for name in self.class_names]
+        self._crops: list[_LabelPiece] | None = None
+        self._labels: list[ImageRef | None] = []
+        if label_crops is None:
+            self._labels = [self._label(group, f"labels/{key}") for key in [*keys, "mask"]]
+        else:
+            self._crops = self._find_crops(group, label_crops, keys)
+        if self._crops is None:
+            self.labelled = tuple(label is not None for label in self._labels[:-1])
+        else:
+            present = {piece.channel for piece in self._crops}
+            self.labelled = tuple(channel in present for channel in range(len(keys)))
+        self.normalization = self._resolve_normalization(raw, normalization or {})
 
-    def _open(self) -> tuple[zarr.Array, list[zarr.Array | None], zarr.Array | None]:
-        if not Path(self.path).exists() and "://" not in self.path:
+    # -- opening ---------------------------------------------------------------------------
+
+    def _group(self) -> zarr.Group:
+        if self._store is None and "://" not in self.path and not Path(self.path).exists():
             raise VolumeError(f"{self.path}: no such file or directory (expected a zarr group)")
         try:
-            group = zarr.open_group(self.path, mode="r")
-        except Exception as err:  # zarr raises several types for "not a group"
+            options = {"storage_options": self.storage_options} if self.storage_options else {}
+            return zarr.open_group(self._store or self.path, mode="r", **options)
+        except Exception as err:  # zarr and fsspec raise several types for "not a group"
             raise VolumeError(f"{self.path}: not a zarr group ({err})") from None
-        if self.raw_key not in group:
-            raise VolumeError(f"{self.path}: no '{self.raw_key}' array (expected raw (z, y, x))")
-        raw = group[self.raw_key]
-        if raw.ndim != 3:
+
+    def _resolve(
+        self,
+        group: zarr.Group,
+        key: str,
+        scale_level: int | None = None,
+        voxel_size_nm: Sequence[float] | None = None,
+        like: ScaleLevel | None = None,
+    ) -> ImageRef:
+        where = f"{self.path}/{key}".rstrip("/")
+        try:
+            return resolve_image(group, key, where, scale_level, voxel_size_nm, like)
+        except MetadataError as err:
+            raise VolumeError(str(err)) from None
+
+    def _label(self, group: zarr.Group, key: str) -> ImageRef | None:
+        if group.get(key) is None:
+            return None
+        label = self._resolve(group, key, like=self._raw.level)
+        shape = group[label.path].shape[label.leading :]
+        if tuple(shape) != self.shape:
+            raise VolumeError(f"{self.path}/{key}: shape {shape} differs from raw {self.shape}")
+        return label
+
+    def _find_crops(
+        self, group: zarr.Group, label_crops: str | Sequence[str], keys: list[str]
+    ) -> list[_LabelPiece]:
+        raw = self._raw.level
+        if raw is None:
             raise VolumeError(
-                f"{self.path}/{self.raw_key}: expected 3 axes (z, y, x), got {raw.shape}"
+                f"{self.path}/{self.raw_key}: label_crops need the raw image's OME-Zarr scale "
+                "and translation; set raw_key to a multiscale group or one of its levels"
             )
-        if raw.dtype not in _RANGE and raw.dtype.kind != "f":
-            raise VolumeError(
-                f"{self.path}/{self.raw_key}: unsupported dtype {raw.dtype} "
-                "(expected uint8, uint16 or float)"
-            )
-        labels: list[zarr.Array | None] = []
-        for key in [f"labels/{name}" for name in self.class_names] + ["labels/mask"]:
-            label = group.get(key)
-            if label is not None and label.shape != raw.shape:
-                raise VolumeError(
-                    f"{self.path}/{key}: shape {label.shape} differs from raw {raw.shape}"
+        if isinstance(label_crops, str):
+            if group.get(label_crops) is None:
+                raise VolumeError(f"{self.path}: no label_crops group '{label_crops}'")
+            crops = [f"{label_crops}/{name}" for name in sorted(group[label_crops].group_keys())]
+        else:
+            crops = list(label_crops)
+        pieces = []
+        for crop in crops:
+            for channel, key in enumerate(keys):
+                if group.get(f"{crop}/{key}") is None:
+                    continue  # this crop does not annotate the class
+                image = self._resolve(group, f"{crop}/{key}", like=raw)
+                if image.level is None:
+                    raise VolumeError(f"{self.path}/{crop}/{key}: no OME-Zarr multiscales")
+                array = group[image.path]
+                shape = tuple(array.shape[image.leading :])
+                encoding = _encoding(array.attrs) or _encoding(group[f"{crop}/{key}"].attrs)
+                pieces.append(
+                    _LabelPiece(
+                        crop,
+                        channel,
+                        image,
+                        shape,
+                        box_in(image.level, shape, raw),  # type: ignore[arg-type]
+                        absent=encoding.get("absent", 0),
+                        unknown=encoding.get("unknown"),
+                        present=encoding.get("present"),
+                    )
                 )
-            labels.append(label)
-        return raw, labels[:-1], labels[-1]
+        if not pieces:
+            raise VolumeError(
+                f"{self.path}: no crop in {label_crops} has any of {keys} "
+                "(check label_crops and label_keys)"
+            )
+        return pieces
+
+    def _resolve_normalization(self, raw: zarr.Array, given: Mapping[str, Any]) -> dict:
+        kind = given.get("kind", "dtype_range")
+        where = f"{self.path}/{self._raw.path}"
+        if kind == "dtype_range" and raw.dtype not in _RANGE and raw.dtype.kind != "f":
+            raise VolumeError(
+                f"{where}: unsupported dtype {raw.dtype} for dtype_range normalization "
+                "(expected uint8, uint16 or float; use kind 'fixed' or 'percentile')"
+            )
+        if raw.dtype.kind not in "iuf":
+            raise VolumeError(f"{where}: unsupported dtype {raw.dtype} (expected int or float)")
+        if kind == "dtype_range":
+            return {"kind": "dtype_range"}
+        if kind == "fixed" and {"min", "max"} <= set(given):
+            if not float(given["min"]) < float(given["max"]):
+                raise VolumeError(f"{where}: normalization min must be below max, got {given}")
+            resolved = {"kind": "fixed", "min": float(given["min"]), "max": float(given["max"])}
+            if "percentile" in given:  # a checkpoint's resolved percentile normalisation
+                resolved["percentile"] = [float(v) for v in given["percentile"]]
+            return resolved
+        if kind == "percentile":
+            low, high = float(given.get("low", 0.5)), float(given.get("high", 99.5))
+            sample = self._intensity_sample(raw)
+            lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
+            if not lo < hi:
+                hi = lo + 1.0  # a constant sample: map it to 0 rather than divide by zero
+            return {"kind": "fixed", "min": lo, "max": hi, "percentile": [low, high]}
+        raise VolumeError(
+            f"{where}: normalization {dict(given)} not understood (expected kind 'dtype_range', "
+            "'fixed' with min and max, or 'percentile' with low and high)"
+        )
+
+    def _intensity_sample(self, raw: zarr.Array) -> np.ndarray:
+        """One plane of each of ``_PERCENTILE_CHUNKS`` chunks spread evenly over the chunk grid."""
+        chunks = raw.chunks[self._raw.leading :]
+        grid = [-(-n // c) for n, c in zip(self.shape, chunks, strict=True)]
+        picks = np.unique(np.linspace(0, np.prod(grid) - 1, _PERCENTILE_CHUNKS).round())
+        planes = []
+        for flat in picks.astype(np.int64):
+            cz, cy, cx = np.unravel_index(flat, grid)
+            z = min(cz * chunks[0] + chunks[0] // 2, self.shape[0] - 1)
+            window = (
+                z,
+                slice(cy * chunks[1], (cy + 1) * chunks[1]),
+                slice(cx * chunks[2], (cx + 1) * chunks[2]),
+            )
+            planes.append(self._checked(raw[(0,) * self._raw.leading + window], window).ravel())
+        return np.concatenate(planes)
+
+    def _checked(self, image: np.ndarray, window: tuple) -> np.ndarray:
+        if image.dtype.kind == "f" and not np.isfinite(image).all():
+            z, rows, cols = window
+            raise VolumeError(
+                f"{self.path}/{self._raw.path}: NaN or Inf in raw slice z={z}, "
+                f"y={rows.start}:{rows.stop}, x={cols.start}:{cols.stop} (expected finite values)"
+            )
+        return image
 
     def __getstate__(self) -> dict:
         # Workers reopen the store; a cached copy is not worth pickling into each of them.
         return {**self.__dict__, "_arrays": None}
 
+    # -- reading ---------------------------------------------------------------------------
+
+    def annotated_boxes(self) -> list[tuple[int, int, int, int, int, int]]:
+        """Where labels exist, as half-open (z0, z1, y0, y1, x0, x1) boxes in raw voxels.
+
+        One box per label crop (clipped to the volume), or the whole volume without crops.
+        """
+        if self._crops is None:
+            return [(0, self.shape[0], 0, self.shape[1], 0, self.shape[2])]
+        boxes: dict[str, np.ndarray] = {}
+        for piece in self._crops:  # a crop's classes usually share one extent; take the union
+            box = np.array(piece.box).reshape(3, 2)  # (axis, start/stop)
+            old = boxes.get(piece.crop, box)
+            boxes[piece.crop] = np.stack(
+                [np.minimum(old[:, 0], box[:, 0]), np.maximum(old[:, 1], box[:, 1])], axis=1
+            )
+        clipped = []
+        for box in boxes.values():
+            box = np.clip(box, 0, np.array(self.shape)[:, None])
+            if (box[:, 0] < box[:, 1]).all():
+                clipped.append(tuple(int(v) for v in box.ravel()))
+        return clipped  # type: ignore[return-value]
+
     def _load(self) -> tuple:
         if self._arrays is None:
-            raw, labels, mask = self._open()
-            arrays = [raw, *labels, mask]
-            if sum(a.nbytes for a in arrays if a is not None) <= self.cache_bytes:
-                raw, labels, mask = (
-                    raw[...],
-                    [None if label is None else label[...] for label in labels],
-                    None if mask is None else mask[...],
-                )
-            self._arrays = (raw, labels, mask)
+            group = self._group()
+            raw = group[self._raw.path]
+            labels = [None if lb is None else group[lb.path] for lb in self._labels]
+            pieces = [group[piece.image.path] for piece in self._crops or []]
+            label_bytes = sum(a.nbytes for a in [*labels, *pieces] if a is not None)
+            if raw.nbytes + label_bytes <= self.cache_bytes:
+                raw = raw[...]
+            if label_bytes <= self.cache_bytes:
+                labels = [None if a is None else a[...] for a in labels]
+                pieces = [a[...] for a in pieces]
+            self._arrays = (raw, labels, pieces)
         return self._arrays
 
     def read(
@@ -115,18 +354,76 @@ class ZarrVolume:
         Returns:
             image (1, h, w) float32 in [0, 1], target (C, h, w) uint8 (zeros for unlabelled
             classes: callers mask them with ``labelled``) and valid (1, h, w) uint8 (0 where
-            ``labels/mask`` says the pixel is not annotated).
+            ``labels/mask`` says the pixel is not annotated, or, with crops, outside every crop
+            or where a labelled class is unknown).
         """
         height, width = (size, size) if isinstance(size, int) else size
-        raw, labels, mask = self._load()
+        raw, labels, pieces = self._load()
         window = (z, slice(y, y + height), slice(x, x + width))
-        image = to_unit_range(np.asarray(raw[window]))
-        target = np.zeros((len(labels), height, width), dtype=np.uint8)
-        for channel, label in enumerate(labels):
+        image = normalize(
+            self._checked(np.asarray(raw[(0,) * self._raw.leading + window]), window),
+            self.normalization,
+        )
+        if self._crops is not None:
+            return (image[None], *self._read_crops(pieces, z, y, x, height, width))
+        target = np.zeros((len(labels) - 1, height, width), dtype=np.uint8)
+        for channel, (label, info) in enumerate(zip(labels[:-1], self._labels, strict=False)):
             if label is not None:
-                target[channel] = label[window]
+                target[channel] = label[(0,) * info.leading + window]
+        mask, info = labels[-1], self._labels[-1]
         if mask is None:
             valid = np.ones((1, height, width), dtype=np.uint8)
         else:
-            valid = (np.asarray(mask[window]) != 0).astype(np.uint8)[None]
+            valid = (np.asarray(mask[(0,) * info.leading + window]) != 0).astype(np.uint8)[None]
         return image[None], target, valid
+
+    def _read_crops(
+        self, arrays: list, z: int, y: int, x: int, height: int, width: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        channels = len(self.class_names)
+        target = np.zeros((channels, height, width), dtype=np.uint8)
+        known = np.zeros((channels, height, width), dtype=bool)
+        raw = self._raw.level
+        for piece, array in zip(self._crops or [], arrays, strict=True):
+            z0, z1, y0, y1, x0, x1 = piece.box
+            if not (z0 <= z < z1 and y0 < y + height and y < y1 and x0 < x + width and x < x1):
+                continue
+            level = piece.image.level
+            jz = int(to_index(np.array([z]), raw, level, 0)[0])  # type: ignore[arg-type]
+            jy = to_index(np.arange(y, y + height), raw, level, 1)  # type: ignore[arg-type]
+            jx = to_index(np.arange(x, x + width), raw, level, 2)  # type: ignore[arg-type]
+            rows = (jy >= 0) & (jy < piece.shape[1])
+            cols = (jx >= 0) & (jx < piece.shape[2])
+            if not (0 <= jz < piece.shape[0] and rows.any() and cols.any()):
+                continue
+            # Read only the block the window covers, then pick voxels by nearest index.
+            ry, rx = jy[rows], jx[cols]
+            block = np.asarray(
+                array[
+                    (0,) * piece.image.leading
+                    + (jz, slice(ry.min(), ry.max() + 1), slice(rx.min(), rx.max() + 1))
+                ]
+            )
+            values = block[np.ix_(ry - ry.min(), rx - rx.min())]
+            inside = np.ix_(rows, cols)
+            unknown = (
+                np.zeros(values.shape, dtype=bool)
+                if piece.unknown is None
+                else values == piece.unknown
+            )
+            present = (
+                values == piece.present
+                if piece.present is not None
+                else ((values != piece.absent) & ~unknown)
+            )
+            known[piece.channel][inside] |= ~unknown
+            target[piece.channel][inside] |= present.astype(np.uint8)
+        labelled = [c for c in range(channels) if self.labelled[c]]
+        valid = known[labelled].all(axis=0) if labelled else known.any(axis=0)
+        return target, valid.astype(np.uint8)[None]
+
+
+def _encoding(attrs: Mapping[str, Any]) -> dict[str, int]:
+    """CellMap's ``cellmap.annotation.annotation_type.encoding`` (absent/unknown/present)."""
+    annotation = (attrs.get("cellmap") or {}).get("annotation") or {}
+    return dict((annotation.get("annotation_type") or {}).get("encoding") or {})
