@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from joenet.data.dataset import RandomPatchDataset, Region, ShardSampler, TileDataset
+from joenet.data.dataset import RandomPatchDataset, ShardSampler, TileDataset
+from joenet.data.sampler import Region
 from joenet.data.volume import VolumeError, ZarrVolume
 
 
