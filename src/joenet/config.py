@@ -59,6 +59,11 @@ def default_precision() -> str:
     return "32-true"
 
 
+def first_not_null(*values: object) -> object:
+    """The first value that is not None (``oc.select`` returns a null instead of its default)."""
+    return next((value for value in values if value is not None), None)
+
+
 def register_resolvers() -> None:
     """Register the ``joenet.*`` resolvers once (Hydra needs them before composing)."""
     resolvers = {
@@ -66,6 +71,7 @@ def register_resolvers() -> None:
         "joenet.data_dir": default_data_dir,
         "joenet.precision": default_precision,
         "joenet.has_cuda": torch.cuda.is_available,
+        "joenet.first_not_null": first_not_null,
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
