@@ -7,6 +7,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from joenet.cli import exit_on_error
 from joenet.config import config_dir, register_resolvers
 from joenet.lit_module import SegmentationLitModule
 from joenet.run_info import write_run_info
@@ -39,6 +40,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@exit_on_error
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
     metrics = train(cfg)

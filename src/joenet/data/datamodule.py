@@ -146,6 +146,9 @@ class EMDataModule(L.LightningDataModule):
                 val_regions += val
                 continue
             train, val = _regions(volume, spec, key, self.augment.window, self.patch_size)
+            for region in (train, val):
+                if region is not None:
+                    volume.check_label_values(region.z_start, region.z_stop)
             train_regions.append(train)
             if val is not None:
                 val_regions.append(val)

@@ -338,15 +338,58 @@ class ZarrVolume:
             labels = [None if lb is None else group[lb.path] for lb in self._labels]
             pieces = [group[piece.image.path] for piece in self._crops or []]
             label_bytes = sum(a.nbytes for a in [*labels, *pieces] if a is not None)
-            if raw.nbytes + label_bytes <= self.cache_bytes:
-                raw = raw[...]
-            if label_bytes <= self.cache_bytes:
-                labels = [None if a is None else a[...] for a in labels]
-                pieces = [a[...] for a in pieces]
+            try:
+                if raw.nbytes + label_bytes <= self.cache_bytes:
+                    raw = raw[...]
+                if label_bytes <= self.cache_bytes:
+                    labels = [None if a is None else a[...] for a in labels]
+                    pieces = [a[...] for a in pieces]
+            except Exception as err:  # codecs raise their own types (zstd, blosc, OSError)
+                raise VolumeError(
+                    f"{self.path}: cannot load its arrays into memory ({type(err).__name__}: "
+                    f"{err}); a chunk is corrupt or missing: copy or convert the volume again"
+                ) from err
             self._arrays = (raw, labels, pieces)
         return self._arrays
 
     def read(
+        self, z: int, y: int, x: int, size: int | tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """See ``_read``; a chunk that cannot be decoded becomes a ``VolumeError`` naming it."""
+        try:
+            return self._read(z, y, x, size)
+        except VolumeError:
+            raise
+        except Exception as err:  # codecs raise their own types (zstd, blosc, JSON, OSError)
+            height, width = (size, size) if isinstance(size, int) else size
+            raise VolumeError(
+                f"{self.path}: cannot read slice z={z}, y {y}:{y + height}, x {x}:{x + width} "
+                f"({type(err).__name__}: {err}); a chunk is corrupt or missing: copy or "
+                "convert the volume again"
+            ) from err
+
+    def check_label_values(self, z_start: int, z_stop: int, max_slices: int = 4) -> None:
+        """Raise a ``VolumeError`` unless the label masks hold only 0 and 1 (sampled slices).
+
+        Instance IDs or 0/255 masks would otherwise train silently on wrong targets.
+        """
+        if self._crops is not None:
+            return  # crops carry their own encoding (absent/unknown/present), read per crop
+        _, labels, _ = self._load()
+        slices = np.unique(np.linspace(z_start, z_stop - 1, max_slices).round().astype(int))
+        for name, label, info in zip(self.class_names, labels[:-1], self._labels, strict=False):
+            if label is None:
+                continue
+            for z in slices:
+                values = np.unique(np.asarray(label[(0,) * info.leading + (int(z),)]))
+                if values.size and (values.min() < 0 or values.max() > 1):
+                    raise VolumeError(
+                        f"{self.path}/labels/{name}: values {values[:6].tolist()} in slice "
+                        f"z={z}, expected a 0/1 mask. Convert instance IDs or 0/255 masks with "
+                        "`python -m joenet.data.convert ... --label-mode auto` (or binary)"
+                    )
+
+    def _read(
         self, z: int, y: int, x: int, size: int | tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The window of slice ``z`` whose top-left corner is (y, x), ``size`` = side or (h, w).
