@@ -133,7 +133,8 @@ def test_bad_input_gives_one_clear_line(
 
 def _cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "joenet.train", *args], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", "joenet.train", f"paths.log_dir={cwd / 'logs'}", *args],
+        cwd=cwd, capture_output=True, text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore", **env}, timeout=300,
     )  # fmt: skip
 
