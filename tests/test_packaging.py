@@ -29,7 +29,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_wheel_contains_configs(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for config in ("train.yaml", "experiment/strided_down.yaml", "data/synthetic.yaml",
-                   "trainer/cpu.yaml", "preset/cpu_demo.yaml"):  # fmt: skip
+                   "trainer/cpu.yaml", "preset/cpu_demo.yaml", "predict.yaml",
+                   "evaluate.yaml", "data/lucchi.yaml"):  # fmt: skip
         assert f"joenet/conf/{config}" in names
 
 

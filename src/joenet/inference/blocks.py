@@ -1,0 +1,199 @@
+"""Blocks of the output volume: the unit of work, of resuming and of distribution.
+
+A block is one output chunk along z (several for ``planes`` beyond ``xy``, which need depth) by a
+set of output chunks in y and x, so every block writes whole chunks only (zarr v3 writes a chunk
+as one file: a partial write would be a read-modify-write, racy between workers). Each block is
+read with the halo its tiles need, reflected at the volume border, predicted plane by plane and
+written as uint8.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import zarr
+
+from joenet.inference.checkpoint import cached_model, resolve_device
+from joenet.inference.source import InputImage, open_input
+from joenet.inference.tiling import AxisTiles, PlanePredictor, plan_axis
+
+Range = tuple[int, int]
+# plane -> (axis across the planes, first in-plane axis, second in-plane axis), as (z, y, x) = 0..2
+PLANE_AXES = {"xy": (0, 1, 2), "xz": (1, 0, 2), "yz": (2, 0, 1)}
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """Everything a worker needs to predict a block: plain values, cheap to send to Dask."""
+
+    ckpt_path: str
+    input_path: str
+    output_path: str
+    class_names: tuple[str, ...]
+    tile: int
+    overlap: int
+    margin: int
+    blending: str
+    batch_size: int | None
+    precision: str
+    tta: bool
+    planes: tuple[str, ...]
+    threshold: float | None
+    device: str
+    z_range: Range
+    normalization: tuple[tuple[str, object], ...]  # the checkpoint's, as sorted items (hashable)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A chunk-aligned box of the output: ``region`` is [start, stop) per (z, y, x) axis."""
+
+    index: tuple[int, int, int]  # position in the grid of blocks
+    region: tuple[Range, Range, Range]
+
+
+@dataclass(frozen=True)
+class PlaneInput:
+    """Planes read for one orientation of a block, with their tile layouts."""
+
+    plane: str
+    images: np.ndarray  # (S, A, B) float32
+    tiles_a: AxisTiles
+    tiles_b: AxisTiles
+    region: tuple[Range, Range, Range]  # the block region, clipped to z_range
+
+
+def make_blocks(
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    planes: tuple[str, ...],
+    block_size: int,
+    tile: int,
+    z_range: Range,
+) -> tuple[list[Block], tuple[int, int, int]]:
+    """Blocks that intersect ``z_range``, in z, y, x order, and the shape of the grid of blocks.
+
+    Args:
+        shape: (z, y, x) of the volume.
+        chunks: (z, y, x) output chunks.
+        planes: orientations predicted; beyond ``xy`` blocks get about ``tile`` px of depth.
+        block_size: y/x side of a block in px, rounded up to whole chunks (fewer halos than
+            small blocks, memory that does not grow with the volume).
+        tile: tile side in px.
+        z_range: [start, stop) slices to predict.
+    """
+    side = block_size if planes == ("xy",) else tile  # orthogonal planes: cube-shaped blocks
+    depth = chunks[0] if planes == ("xy",) else side
+    per_block = [max(1, math.ceil(extent / chunk)) for extent, chunk in
+                 zip((depth, side, side), chunks, strict=True)]  # fmt: skip
+    steps = [n * chunk for n, chunk in zip(per_block, chunks, strict=True)]
+    blocks = []
+    for iz, z0 in enumerate(range(0, shape[0], steps[0])):
+        z1 = min(z0 + steps[0], shape[0])
+        if z1 <= z_range[0] or z0 >= z_range[1]:
+            continue
+        for iy, y0 in enumerate(range(0, shape[1], steps[1])):
+            for ix, x0 in enumerate(range(0, shape[2], steps[2])):
+                region = ((z0, z1), (y0, min(y0 + steps[1], shape[1])),
+                          (x0, min(x0 + steps[2], shape[2])))  # fmt: skip
+                blocks.append(Block((iz, iy, ix), region))
+    grid = tuple(math.ceil(size / step) for size, step in zip(shape, steps, strict=True))
+    return blocks, grid  # type: ignore[return-value]
+
+
+def read_block(job: BlockJob, image: InputImage, block: Block) -> list[PlaneInput]:
+    """Read a block's planes with their halos, once per orientation."""
+    (z0, z1), y_range, x_range = block.region
+    region = ((max(z0, job.z_range[0]), min(z1, job.z_range[1])), y_range, x_range)
+    inputs = []
+    for plane in job.planes:
+        across, a, b = PLANE_AXES[plane]
+        tiles = [
+            plan_axis(*region[axis], image.shape[axis], job.tile, job.overlap, job.margin)
+            for axis in (a, b)
+        ]
+        window: list[Range] = [region[0], region[1], region[2]]
+        window[a] = (tiles[0].start, tiles[0].stop)
+        window[b] = (tiles[1].start, tiles[1].stop)
+        planes = image.read(tuple(window), dict(job.normalization))  # (z, y, x)
+        planes = np.ascontiguousarray(np.moveaxis(planes, (across, a, b), (0, 1, 2)))
+        inputs.append(PlaneInput(plane, planes, tiles[0], tiles[1], region))
+    return inputs
+
+
+def compute_block(job: BlockJob, predictor: PlanePredictor, inputs: list[PlaneInput]) -> np.ndarray:
+    """Predict a block: ``(C, z, y, x)`` uint8 over the whole block (0 outside ``z_range``)."""
+    region = inputs[0].region
+    shape = tuple(stop - start for start, stop in region)
+    probs = np.zeros((len(job.class_names), *shape), dtype=np.float32)
+    for item in inputs:
+        across, a, b = PLANE_AXES[item.plane]
+        planes = predictor.predict(item.images, item.tiles_a, item.tiles_b, region[a], region[b])
+        planes = np.moveaxis(planes, 1, 0)  # (C, S, A, B)
+        probs += np.moveaxis(planes, (1, 2, 3), (1 + across, 1 + a, 1 + b))
+    probs /= len(inputs)  # orthogonal planes are averaged in probability
+    if job.threshold is not None:
+        values = (probs >= job.threshold).astype(np.uint8)
+    else:
+        values = np.rint(np.clip(probs, 0.0, 1.0) * 255).astype(np.uint8)
+    return values
+
+
+def is_whole(job: BlockJob, block: Block) -> bool:
+    """Whether ``z_range`` covers the block, so that finishing it finishes the block."""
+    (z0, z1), _, _ = block.region
+    return job.z_range[0] <= z0 and z1 <= job.z_range[1]
+
+
+def write_block(group: zarr.Group, job: BlockJob, block: Block, values: np.ndarray) -> None:
+    """Write a block's whole chunks, one array per class.
+
+    Slices of the block outside ``z_range`` (chunks deeper than one slice) keep what they hold:
+    no other block shares these chunks, so reading them back first is safe.
+    """
+    (z0, z1), (y0, y1), (x0, x1) = block.region
+    inner = slice(max(z0, job.z_range[0]) - z0, min(z1, job.z_range[1]) - z0)
+    box = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
+    for channel, name in enumerate(job.class_names):
+        if is_whole(job, block):
+            out = values[channel]
+        else:
+            out = np.asarray(group[name][box])
+            out[inner] = values[channel]
+        group[name][box] = out
+
+
+@cache
+def make_predictor(job: BlockJob) -> PlanePredictor:
+    """The tile predictor that ``job`` asks for, made once per process and settings.
+
+    ``job.device`` is resolved here, in the process that predicts: with ``auto``, a Dask worker
+    on a GPU node uses its GPU even when the client that submitted the job has none.
+    """
+    device = resolve_device(job.device)
+    # CPUs predict a 256 px tile faster alone than in a batch of 8 (0.22-0.25 s against
+    # 0.38-0.48 s per tile on 2 AVX2 cores: activations stay in cache); GPUs want batches.
+    batch_size = job.batch_size or (8 if device.type == "cuda" else 1)
+    return PlanePredictor(
+        cached_model(job.ckpt_path, device).net,
+        device,
+        batch_size=batch_size,
+        precision=job.precision,
+        tta=job.tta,
+        blending=job.blending,  # type: ignore[arg-type]
+    )
+
+
+def process_block(job: BlockJob, block: Block) -> tuple[int, int, int]:
+    """Read, predict, write and record one block in this process (a Dask task)."""
+    from joenet.inference.writer import CompletionRecord
+
+    image = open_input(job.input_path)
+    values = compute_block(job, make_predictor(job), read_block(job, image, block))
+    write_block(zarr.open_group(job.output_path, mode="r+"), job, block, values)
+    if is_whole(job, block):  # a partly predicted block is predicted again by a later run
+        CompletionRecord(job.output_path).mark_done(block.index)
+    return block.index

@@ -1,0 +1,229 @@
+"""``predict_volume``: a checkpoint and a zarr volume in, an OME-Zarr of class predictions out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import joenet
+from joenet.data.volume import VolumeError
+from joenet.inference.blocks import PLANE_AXES, BlockJob, make_blocks
+from joenet.inference.checkpoint import cached_model, resolve_device
+from joenet.inference.executor import run_dask, run_local
+from joenet.inference.instances import label_instances
+from joenet.inference.source import open_input
+from joenet.inference.tiling import autocast_dtype, check_tiling, tile_margin
+from joenet.inference.writer import CompletionRecord, open_output
+
+log = logging.getLogger(__name__)
+_VOXEL_TOLERANCE = 0.10
+_INSTANCES_RECORD = "instances_z_ranges"  # z ranges whose instance labels are complete
+_FINGERPRINT_KEYS = ("tile", "overlap", "blending", "precision", "tta", "threshold")
+
+
+def parse_planes(planes: str | Sequence[str]) -> tuple[str, ...]:
+    """``"xy"``, ``"xy,xz,yz"`` or a list of plane names, as a tuple in that order."""
+    names = planes.split(",") if isinstance(planes, str) else list(planes)
+    names = [name.strip() for name in names]
+    unknown = [name for name in names if name not in PLANE_AXES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"planes must name distinct planes out of {list(PLANE_AXES)}, got {planes!r}: "
+            "use xy, or [xy,xz,yz] to average over the three orientations"
+        )
+    return tuple(names)
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    return str(path) if "://" in str(path) else str(Path(path).resolve())
+
+
+def _check_options(
+    tile: int, overlap: int, executor: str, threshold: float | None, block_size: int
+) -> None:
+    check_tiling(tile, overlap)
+    if executor not in ("local", "dask"):
+        raise ValueError(f"executor must be 'local' or 'dask', got {executor!r}")
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1] or null, got {threshold}")
+    if block_size < tile:
+        raise ValueError(f"block_size ({block_size}) must be at least tile ({tile})")
+
+
+def _check_overlap(overlap: int, receptive_field: int) -> None:
+    if overlap < receptive_field // 2:
+        warnings.warn(
+            f"overlap={overlap} px is less than half the model's receptive field "
+            f"({receptive_field} px): tiles use pixels with little context and seams may show; "
+            f"use overlap >= {-(-receptive_field // 32) * 16}",
+            stacklevel=3,
+        )
+    elif overlap < receptive_field:
+        log.info(
+            "overlap=%d px: tiles keep %d px of context at their seams; overlap >= %d px makes "
+            "tiled and whole-slice predictions equal",
+            overlap, overlap // 2, -(-receptive_field // 16) * 16,
+        )  # fmt: skip
+
+
+def _check_voxel_size(
+    input_voxel: Sequence[float] | None, train_voxel: Sequence[float] | None, input_path: str
+) -> None:
+    if not input_voxel or not train_voxel:
+        log.info("voxel size of the input or of the training data unknown: not compared")
+        return
+    ratios = [abs(a - b) / b for a, b in zip(input_voxel, train_voxel, strict=True)]
+    if max(ratios) > _VOXEL_TOLERANCE:
+        message = (
+            f"{input_path}: voxel size {list(input_voxel)} nm differs from the training data's "
+            f"{list(train_voxel)} nm by more than {_VOXEL_TOLERANCE:.0%}; the model sees objects "
+            "at another scale than it learned, resample the input for reliable predictions"
+        )
+        log.warning(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def predict_volume(
+    ckpt_path: str | os.PathLike,
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    tile: int = 256,
+    overlap: int = 64,
+    blending: Literal["gaussian", "constant"] = "gaussian",
+    batch_size: int | None = None,
+    precision: str = "auto",
+    tta: bool = False,
+    planes: str | Sequence[str] = "xy",
+    threshold: float | None = None,
+    instances: bool = False,
+    device: str = "auto",
+    executor: Literal["local", "dask"] = "local",
+    n_workers: int = 2,
+    scheduler_address: str | None = None,
+    z_range: Sequence[int] | None = None,
+    block_size: int = 2048,
+    overwrite: bool = False,
+    progress: bool = True,
+    config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Predict every class of a checkpoint over a zarr volume, block by block, resumably.
+
+    Running it again with the same arguments after a kill finishes the missing blocks only and
+    gives the same bytes as an uninterrupted run.
+
+    Args:
+        ckpt_path: a checkpoint of ``python -m joenet.train``.
+        input: a zarr group holding ``raw``, or a (z, y, x) zarr array.
+        output: the OME-Zarr group to write (one uint8 array per class at the top level).
+        tile: tile side in px, a multiple of 16.
+        overlap: px shared by neighbouring tiles, a multiple of 16, less than ``tile``.
+        blending: weights of overlapping tiles, ``gaussian`` or ``constant``.
+        batch_size: tiles per forward pass; None: 8 on a GPU, 1 on a CPU (faster there).
+        precision: ``auto`` (bf16 autocast on CUDA GPUs with bf16, fp32 otherwise), ``32``,
+            ``bf16`` or ``16``.
+        tta: average the 8 flips/rotations of every tile, in probability.
+        planes: ``xy``, or ``xy,xz,yz`` to average the 2D model over the three orientations.
+        threshold: None writes probability x 255; a float writes 0/1 masks (probability >= it).
+        instances: also write ``<class>_instances`` (uint32 connected components of the mask at
+            ``threshold``, 0.5 when None; 6-connected in 3D, ids consistent over the volume).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
+        executor: ``local`` (this process) or ``dask`` (one task per block).
+        n_workers: worker processes of the Dask ``LocalCluster``.
+        scheduler_address: use this running Dask cluster instead of a ``LocalCluster``.
+        z_range: [start, stop) slices to predict; the others keep the fill value 0.
+        block_size: y/x side of a block in px (rounded up to whole chunks).
+        overwrite: delete an existing output instead of resuming it.
+        progress: show a progress bar.
+        config: the resolved config to store in the output's attributes.
+
+    Returns:
+        The output path.
+    """
+    _check_options(tile, overlap, executor, threshold, block_size)
+    plane_names = parse_planes(planes)
+    torch_device = resolve_device(device)
+    autocast_dtype(precision, torch_device)  # validates the name before any work
+    model = cached_model(ckpt_path, torch_device)
+    image = open_input(input)
+    voxel_size = image.voxel_size_nm
+    _check_voxel_size(voxel_size, model.voxel_size_nm, str(input))
+    try:  # one voxel: does the training normalisation apply to this dtype?
+        image.read(((0, 1), (0, 1), (0, 1)), model.normalization)
+    except ValueError as err:
+        raise VolumeError(f"{image.where}: {err}") from None
+    depth = image.shape[0]
+    z_range = (0, depth) if z_range is None else (int(z_range[0]), int(z_range[1]))
+    if not 0 <= z_range[0] < z_range[1] <= depth:
+        raise ValueError(f"z_range {list(z_range)} must satisfy 0 <= start < stop <= {depth}")
+    _check_overlap(overlap, model.receptive_field)
+    job = BlockJob(
+        ckpt_path=str(Path(ckpt_path).resolve()),
+        input_path=_absolute(input),  # workers may run elsewhere: no relative paths
+        output_path=_absolute(output),
+        class_names=tuple(model.class_names),
+        tile=tile,
+        overlap=overlap,
+        margin=tile_margin(overlap, model.receptive_field),
+        blending=blending,
+        batch_size=batch_size,
+        precision=str(precision),
+        tta=bool(tta),
+        planes=plane_names,
+        threshold=None if threshold is None else float(threshold),
+        device=device,  # resolved by the process that predicts (a GPU worker: its GPU)
+        z_range=z_range,
+        normalization=tuple(sorted(model.normalization.items())),
+    )
+    arrays = {name: "uint8" for name in job.class_names}
+    if instances:
+        arrays |= {f"{name}_instances": "uint32" for name in job.class_names}
+    # What must match for a rerun to resume this output (z_range may differ: it picks blocks).
+    fingerprint = {
+        "checkpoint": job.ckpt_path,
+        "checkpoint_bytes": Path(ckpt_path).stat().st_size,
+        "input": job.input_path,
+        "shape": list(image.shape),
+        "chunks": list(image.chunks),
+        "normalization": model.normalization,
+        "arrays": arrays,
+        **{key: getattr(job, key) for key in _FINGERPRINT_KEYS},
+        "planes": list(plane_names),
+        "block_size": block_size,
+        "version": joenet.__version__,
+    }
+    attrs = {
+        "checkpoint": job.ckpt_path,
+        "version": joenet.__version__,
+        "input": str(input),
+        "config": dict(config or {}),
+        "class_names": list(job.class_names),
+        "values": "mask 0/1" if threshold is not None else "probability x 255",
+        "voxel_size_nm": voxel_size,
+        "fingerprint": fingerprint,
+    }
+    group = open_output(output, arrays, image.shape, image.chunks, job.class_names, voxel_size,
+                        attrs, overwrite=overwrite)  # fmt: skip
+    blocks, grid = make_blocks(image.shape, image.chunks, plane_names, block_size, tile, z_range)
+    record = CompletionRecord(output)
+    record.create(grid)
+    done = record.done()
+    pending = [block for block in blocks if block.index not in done]
+    log.info("%d blocks, %d already done, %d to predict", len(blocks), len(blocks) - len(pending),
+             len(pending))  # fmt: skip
+    if executor == "dask":
+        run_dask(job, pending, len(blocks), n_workers, scheduler_address, progress)
+    else:
+        run_local(job, pending, len(blocks), progress)
+    labelled = record.attrs().get(_INSTANCES_RECORD, [])
+    if instances and (pending or list(z_range) not in labelled):
+        cut = 1 if threshold is not None else 128  # probability >= 0.5 on the x 255 scale
+        for name in job.class_names:
+            count = label_instances(group[name], group[f"{name}_instances"], cut, z_range)
+            log.info("%s: %d instances", name, count)
+        record.update_attrs({_INSTANCES_RECORD: [*labelled, list(z_range)]})
+    return Path(output)

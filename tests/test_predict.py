@@ -1,0 +1,314 @@
+"""Prediction: the CLI contract, resume, seamless tiling, TTA/planes, instances, Dask, errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from scipy import ndimage
+from torch import nn
+
+from joenet.data.volume import VolumeError
+from joenet.inference import blocks as block_ops
+from joenet.inference import checkpoint, predict_volume
+from joenet.inference.source import InputImage
+from joenet.inference.tiling import PlanePredictor, plan_axis, tile_margin
+from joenet.model import UNet2d
+from joenet.train import train
+from tests.conftest import TINY_SHAPE, compose_train, tiny_overrides
+
+FAST = {"progress": False, "device": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def ckpt_path(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained for one epoch (no logger or image callback: seconds)."""
+    run_dir = tmp_path_factory.mktemp("predict_run")
+    overrides = [*tiny_overrides(data_dir, run_dir), "trainer.max_epochs=1", "~logger",
+                 "~callbacks.validation_images", "~callbacks.lr_monitor"]  # fmt: skip
+    train(compose_train(overrides))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def reference(ckpt_path: Path, volume_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted local prediction of slices [0, 4)."""
+    output = tmp_path_factory.mktemp("reference") / "pred.zarr"
+    return predict_volume(ckpt_path, volume_path, output, z_range=[0, 4], **FAST)
+
+
+def _chunk_bytes(output: Path) -> dict[str, bytes]:
+    """Every stored chunk of the class arrays, by relative path."""
+    return {
+        str(path.relative_to(output)): path.read_bytes()
+        for name in ("nuclei", "mito")
+        for path in sorted((output / name).rglob("c/**/*"))
+        if path.is_file()
+    }
+
+
+def test_cli_writes_ome_zarr(ckpt_path: Path, volume_path: Path, tmp_path: Path) -> None:
+    output = tmp_path / "pred.zarr"
+    result = subprocess.run(
+        [sys.executable, "-m", "joenet.predict", f"ckpt_path={ckpt_path}", f"input={volume_path}",
+         f"output={output}", f"paths.log_dir={tmp_path / 'logs'}", "progress=false"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    group = zarr.open_group(str(output), mode="r")
+    source = zarr.open_group(str(volume_path), mode="r")["raw"]
+    for name in ("nuclei", "mito"):
+        array = group[name]
+        assert array.shape == TINY_SHAPE and array.chunks == source.chunks
+        assert array.dtype == np.uint8
+        values = array[...]
+        assert values.min() < values.max()  # a real prediction, not a constant
+    ome = group.attrs["ome"]
+    assert ome["version"] == "0.5"
+    assert [entry["name"] for entry in ome["multiscales"]] == ["nuclei", "mito"]
+    dataset = ome["multiscales"][1]["datasets"]
+    assert dataset[0]["path"] == "mito" and len(dataset) == 1
+    assert dataset[0]["coordinateTransformations"] == [{"type": "scale", "scale": [8, 8, 8]}]
+    meta = group.attrs["joenet"]
+    assert meta["checkpoint"] == str(ckpt_path.resolve())
+    assert meta["config"]["tile"] == 256 and meta["config"]["ckpt_path"] == str(ckpt_path)
+    assert meta["version"] == __import__("joenet").__version__
+    assert group["mito"].attrs["joenet"]["checkpoint"] == str(ckpt_path.resolve())
+    assert (tmp_path / "logs" / "predict" / "runs").is_dir()
+    # z_range writes only its slices, with the same values as the whole-volume run.
+    partial = predict_volume(ckpt_path, volume_path, tmp_path / "part.zarr", z_range=[3, 6], **FAST)
+    part = zarr.open_group(str(partial), mode="r")["nuclei"][...]
+    np.testing.assert_array_equal(part[3:6], group["nuclei"][3:6])
+    assert not part[:3].any() and not part[6:].any()
+
+
+def test_resume_after_kill_is_identical(
+    ckpt_path: Path, volume_path: Path, reference: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    output = tmp_path / "pred.zarr"
+    write_block, computed = block_ops.write_block, []
+
+    def write_then_die(group: zarr.Group, job: Any, block: Any, values: np.ndarray) -> None:
+        if len(computed) == 2:
+            raise KeyboardInterrupt("killed")  # as if the job died before writing block 3
+        write_block(group, job, block, values)
+        computed.append(block.index)
+
+    monkeypatch.setattr(block_ops, "write_block", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        predict_volume(ckpt_path, volume_path, output, z_range=[0, 4], **FAST)
+    monkeypatch.setattr(block_ops, "write_block", write_block)
+    compute_block, recomputed = block_ops.compute_block, []
+
+    def counting(job: Any, predictor: Any, inputs: list) -> np.ndarray:
+        recomputed.append(inputs[0].region)
+        return compute_block(job, predictor, inputs)
+
+    monkeypatch.setattr(block_ops, "compute_block", counting)
+    predict_volume(ckpt_path, volume_path, output, z_range=[0, 4], **FAST)
+    assert len(recomputed) == 2  # of 4 blocks, the 2 finished ones were skipped
+    assert {region[0] for region in recomputed} == {(2, 3), (3, 4)}
+    assert _chunk_bytes(output) == _chunk_bytes(reference)
+    assert len(_chunk_bytes(reference)) > 0
+    done = zarr.open_array(str(output / ".joenet" / "done"), mode="r")[...]
+    assert done[:4].all() and not done[4:].any()
+    with pytest.raises(ValueError, match="other settings"):
+        predict_volume(ckpt_path, volume_path, output, z_range=[0, 4], tile=128, **FAST)
+
+
+def _random_bn_net() -> nn.Module:
+    """A random tiny UNet2d in eval mode with non-trivial BatchNorm statistics."""
+    generator = torch.Generator().manual_seed(0)
+    net = UNet2d(channels=(4, 8, 16, 32))
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.3)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("blending", ["gaussian", "constant"])
+def test_tiled_equals_whole_slice(blending: str) -> None:
+    size, tile, overlap = 320, 192, 128  # overlap >= receptive field (116): exact
+    net = _random_bn_net()
+    raw = zarr.create_array(zarr.storage.MemoryStore(), shape=(1, size, size), dtype=np.uint8,
+                            chunks=(1, 160, 160))  # fmt: skip
+    yy, xx = np.mgrid[:size, :size]
+    raw[0] = (127 + 80 * np.sin(yy / 9.0) * np.cos(xx / 13.0) + 40 * np.sin(xx / 3.0)).astype(
+        np.uint8
+    )
+    source = InputImage(raw, leading=0, voxel_size_nm=None, where="memory")
+    unit = {"kind": "dtype_range"}
+    with torch.inference_mode():
+        image = torch.from_numpy(source.read(((0, 1), (0, size), (0, size)), unit))[:, None]
+        whole = net(image).sigmoid()[0].numpy()  # (C, H, W)
+    predictor = PlanePredictor(net, torch.device("cpu"), batch_size=4, blending=blending)
+    margin = tile_margin(overlap, net.receptive_field())
+    tiled = np.zeros_like(whole)
+    for lo_y, hi_y in ((0, 160), (160, 320)):  # four blocks, as the block loop reads them
+        for lo_x, hi_x in ((0, 160), (160, 320)):
+            ty = plan_axis(lo_y, hi_y, size, tile, overlap, margin)
+            tx = plan_axis(lo_x, hi_x, size, tile, overlap, margin)
+            assert all(origin % 16 == 0 for origin in ty.origins + tx.origins)
+            window = source.read(((0, 1), (ty.start, ty.stop), (tx.start, tx.stop)), unit)
+            probs = predictor.predict(window, ty, tx, (lo_y, hi_y), (lo_x, hi_x))
+            tiled[:, lo_y:hi_y, lo_x:hi_x] = probs[0]
+    inner = (slice(None), slice(64, size - 64), slice(64, size - 64))  # away from the border
+    assert np.abs(tiled[inner] - whole[inner]).max() < 1e-3
+    assert np.abs(tiled - whole).max() > 1e-3  # the border differs: reflection vs zero padding
+
+
+class _Pointwise(nn.Module):
+    """A per-pixel model (logits = 20 (x - 0.5) for both classes): known output, any geometry."""
+
+    divisor = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([20 * (x - 0.5), 20 * (x - 0.5)], dim=1)
+
+
+def _fake_checkpoint(
+    ckpt_path: Path, tmp_path: Path, net: nn.Module, normalization: dict | None = None
+) -> Path:
+    """A checkpoint path whose cached model is ``net`` (the file is a copy of a real one)."""
+    fake = tmp_path / "fake.ckpt"
+    shutil.copy(ckpt_path, fake)
+    checkpoint._CACHE[(str(fake.resolve()), "cpu")] = checkpoint.LoadedModel(
+        net=net, class_names=["nuclei", "mito"], voxel_size_nm=[8.0, 8.0, 8.0],
+        normalization=normalization or {"kind": "dtype_range"}, receptive_field=1, divisor=8,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    return fake
+
+
+def test_tta_and_planes_invert_their_transforms(
+    ckpt_path: Path, volume_path: Path, tmp_path: Path
+) -> None:
+    source = zarr.open_group(str(volume_path), mode="r")["raw"]
+    crop = zarr.open_group(str(tmp_path / "crop.zarr"), mode="w")
+    crop.create_array("raw", data=source[:6, :48, :40], chunks=(1, 48, 40))
+    fake = _fake_checkpoint(ckpt_path, tmp_path, _Pointwise())
+    arrays = {}
+    for name, options in {"plain": {}, "tta": {"tta": True}, "planes": {"planes": "xy,xz,yz"},
+                          "both": {"tta": True, "planes": ["xy", "xz", "yz"]}}.items():  # fmt: skip
+        output = predict_volume(fake, tmp_path / "crop.zarr", tmp_path / f"{name}.zarr",
+                                **options, **FAST)  # fmt: skip
+        arrays[name] = zarr.open_group(str(output), mode="r")["mito"][...]
+        assert arrays[name].shape == (6, 48, 40) and arrays[name].dtype == np.uint8
+    # A per-pixel model gives the same value whatever flips/rotations/planes it is applied in,
+    # so any misplaced inverse transform or axis order would show here.
+    for name in ("tta", "planes", "both"):
+        np.testing.assert_array_equal(arrays[name], arrays["plain"])
+    # With the real (random-ish) tiny model, TTA changes the probabilities.
+    kwargs = {"z_range": [0, 1], **FAST}
+    plain = predict_volume(ckpt_path, volume_path, tmp_path / "p.zarr", **kwargs)
+    tta = predict_volume(ckpt_path, volume_path, tmp_path / "t.zarr", tta=True, **kwargs)
+    plain_values = zarr.open_group(str(plain), mode="r")["nuclei"][0]
+    tta_values = zarr.open_group(str(tta), mode="r")["nuclei"][0]
+    assert not np.array_equal(plain_values, tta_values)
+
+
+def test_z_range_inside_deep_chunks(ckpt_path: Path, tmp_path: Path) -> None:
+    """A z_range that cuts a chunk keeps the chunk's other slices and leaves the block pending."""
+    raw = np.random.default_rng(1).integers(0, 256, (8, 32, 32), dtype=np.uint8)
+    zarr.open_group(str(tmp_path / "deep.zarr"), mode="w").create_array(
+        "raw", data=raw, chunks=(4, 32, 32)
+    )
+    fake = _fake_checkpoint(ckpt_path, tmp_path, _Pointwise())
+    inputs = (fake, tmp_path / "deep.zarr")
+    whole = predict_volume(*inputs, tmp_path / "whole.zarr", **FAST)
+    output = tmp_path / "parts.zarr"
+    predict_volume(*inputs, output, z_range=[0, 2], **FAST)
+    predict_volume(*inputs, output, z_range=[2, 7], **FAST)
+    done = zarr.open_array(str(output / ".joenet" / "done"), mode="r")[...]
+    assert done.ravel().tolist() == [False, False]  # [0, 4) and [4, 8) were cut by the ranges
+    parts = zarr.open_group(str(output), mode="r")["mito"][...]
+    expected = zarr.open_group(str(whole), mode="r")["mito"][...]
+    np.testing.assert_array_equal(parts[:7], expected[:7])
+    assert not parts[7].any()
+    predict_volume(*inputs, output, **FAST)  # finishes both blocks
+    np.testing.assert_array_equal(zarr.open_group(str(output), mode="r")["mito"][...], expected)
+
+
+def test_threshold_and_instances_match_scipy(ckpt_path: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    blobs = ndimage.gaussian_filter(rng.random((6, 64, 64)), sigma=(1, 3, 3)) > 0.52
+    expected, count = ndimage.label(blobs)
+    assert count > 3
+    # Some components cross chunk faces (chunks are (1, 32, 32)): in z, y and x.
+    assert (blobs[:-1] & blobs[1:]).any()
+    assert (blobs[:, 31] & blobs[:, 32]).any() and (blobs[:, :, 31] & blobs[:, :, 32]).any()
+    volume = zarr.open_group(str(tmp_path / "blobs.zarr"), mode="w")
+    volume.attrs["voxel_size_nm"] = [8, 10, 10]  # > 10 % from the training data's 8 nm
+    volume.create_array("raw", data=blobs.astype(np.uint8) * 255, chunks=(1, 32, 32))
+    fake = _fake_checkpoint(ckpt_path, tmp_path, _Pointwise())
+    with pytest.warns(UserWarning, match="voxel size"):
+        output = predict_volume(fake, tmp_path / "blobs.zarr", tmp_path / "pred.zarr",
+                                threshold=0.5, instances=True, **FAST)  # fmt: skip
+    group = zarr.open_group(str(output), mode="r")
+    mask = group["nuclei"][...]
+    assert set(np.unique(mask)) == {0, 1}
+    np.testing.assert_array_equal(mask.astype(bool), blobs)
+    labels = group["nuclei_instances"][...]
+    assert labels.dtype == np.uint32
+    assert labels.max() == count and set(np.unique(labels)) == set(range(count + 1))
+    # The same partition: each expected component maps to exactly one label and back.
+    pairs = np.unique(np.stack([expected[blobs], labels[blobs]], axis=1), axis=0)
+    assert len(pairs) == count
+    assert group.attrs["joenet"]["voxel_size_nm"] == [8, 10, 10]
+
+
+def test_ome_zarr_input_with_fixed_normalization(ckpt_path: Path, tmp_path: Path) -> None:
+    """raw as an NGFF 0.5 multiscale image: s0 is predicted, with its scale and the checkpoint's
+    ``fixed`` normalisation (min 0, max 100: the pointwise model thresholds at 50)."""
+    raw = np.random.default_rng(2).integers(0, 101, (4, 32, 48), dtype=np.uint16)
+    group = zarr.open_group(str(tmp_path / "ome.zarr"), mode="w")
+    image = group.create_group("raw")
+    image.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+        "datasets": [{"path": path, "coordinateTransformations": [{"type": "scale", "scale": s}]}
+                     for path, s in (("s0", [8, 8.4, 8.4]), ("s1", [16, 16.8, 16.8]))],
+    }]}  # fmt: skip
+    image.create_array("s0", data=raw, chunks=(1, 32, 48))
+    image.create_array("s1", data=raw[::2, ::2, ::2], chunks=(1, 16, 24))
+    fake = _fake_checkpoint(ckpt_path, tmp_path, _Pointwise(), {"kind": "fixed", "min": 0,
+                                                                "max": 100})  # fmt: skip
+    output = predict_volume(fake, tmp_path / "ome.zarr", tmp_path / "pred.zarr", threshold=0.5,
+                            **FAST)  # fmt: skip
+    pred = zarr.open_group(str(output), mode="r")
+    np.testing.assert_array_equal(pred["mito"][...], (raw >= 50).astype(np.uint8))
+    scale = pred.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert scale == [{"type": "scale", "scale": [8, 8.4, 8.4]}]
+
+
+def test_dask_executor_matches_local(
+    ckpt_path: Path, volume_path: Path, reference: Path, tmp_path: Path
+) -> None:
+    output = predict_volume(ckpt_path, volume_path, tmp_path / "pred.zarr", z_range=[0, 4],
+                            executor="dask", n_workers=2, **FAST)  # fmt: skip
+    assert _chunk_bytes(output) == _chunk_bytes(reference)
+
+
+def test_clear_errors(ckpt_path: Path, volume_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no_such\.ckpt"):
+        predict_volume(tmp_path / "no_such.ckpt", volume_path, tmp_path / "a.zarr", **FAST)
+    zarr.open_group(str(tmp_path / "no_raw.zarr"), mode="w").create_array(
+        "image", shape=(2, 16, 16), dtype=np.uint8
+    )
+    with pytest.raises(VolumeError, match="no 'raw' array"):
+        predict_volume(ckpt_path, tmp_path / "no_raw.zarr", tmp_path / "b.zarr", **FAST)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        predict_volume(ckpt_path, volume_path, tmp_path / "c.zarr", tile=250, **FAST)
+    with pytest.raises(ValueError, match="smaller than tile"):
+        predict_volume(ckpt_path, volume_path, tmp_path / "d.zarr", tile=64, overlap=64, **FAST)
