@@ -312,3 +312,34 @@ def test_clear_errors(ckpt_path: Path, volume_path: Path, tmp_path: Path) -> Non
         predict_volume(ckpt_path, volume_path, tmp_path / "c.zarr", tile=250, **FAST)
     with pytest.raises(ValueError, match="smaller than tile"):
         predict_volume(ckpt_path, volume_path, tmp_path / "d.zarr", tile=64, overlap=64, **FAST)
+
+
+def test_disk_full_is_a_clear_error_and_resumes(
+    ckpt_path: Path, volume_path: Path, reference: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    import errno
+
+    from joenet.cli import exit_on_error
+
+    output = tmp_path / "pred.zarr"
+    write_block, written = block_ops.write_block, []
+
+    def disk_fills_up(group: zarr.Group, job: Any, block: Any, values: np.ndarray) -> None:
+        if len(written) == 2:  # the third block: nuclei written, then the disk is full
+            group[job.class_names[0]][tuple(slice(*r) for r in block.region)] = values[0]
+            raise OSError(errno.ENOSPC, "No space left on device", str(output / "mito"))
+        write_block(group, job, block, values)
+        written.append(block.index)
+
+    monkeypatch.setattr(block_ops, "write_block", disk_fills_up)
+    with pytest.raises(SystemExit) as info:
+        exit_on_error(predict_volume)(ckpt_path, volume_path, output, z_range=[0, 4], **FAST)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: no space left on the device while writing {output / 'mito'}" in err
+    assert "Traceback" not in err
+    # The half-written block was never recorded as done: the rerun redoes it, and only it.
+    monkeypatch.setattr(block_ops, "write_block", write_block)
+    predict_volume(ckpt_path, volume_path, output, z_range=[0, 4], **FAST)
+    assert _chunk_bytes(output) == _chunk_bytes(reference)
