@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from joenet.checkpoint_io import AtomicCheckpointIO
+from joenet.inference import predict_volume
 from joenet.lit_module import SegmentationLitModule
 from joenet.train import train
 from tests.conftest import compose_train, tiny_overrides
@@ -146,4 +147,6 @@ def test_crafted_checkpoint_does_not_run_code(cfg_tiny: DictConfig, tmp_path: Pa
     trainer = instantiate(cfg_tiny.trainer, logger=False)
     with pytest.raises(pickle.UnpicklingError):  # resuming (ckpt_path=) loads weights-only too
         trainer.fit(model, datamodule=instantiate(cfg_tiny.data), ckpt_path=crafted)
+    with pytest.raises(pickle.UnpicklingError):  # and so does prediction
+        predict_volume(crafted, cfg_tiny.data.path, tmp_path / "pred.zarr", progress=False)
     assert not marker.exists()
