@@ -40,9 +40,12 @@ format: $(STAMP) ## Format and autofix with ruff
 	$(VENV)/bin/ruff format src tests benchmarks
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
-bench: $(STAMP) ## Run the benchmarks (not part of the tests)
+bench: $(STAMP) ## Run the benchmarks against their peers (not part of the tests)
+	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/model_figures.py
 	$(PY) benchmarks/augment_bench.py
+	$(PY) benchmarks/data_bench.py
+	$(PY) benchmarks/predict_bench.py
 
 clean: ## Remove the venv, caches and build outputs (keeps logs/ and data/)
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache src/*.egg-info
