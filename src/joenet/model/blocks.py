@@ -39,6 +39,13 @@ def make_activation(name: Activation) -> nn.Module:
     return nn.LeakyReLU(0.01, inplace=False)
 
 
+def _shortcut(in_channels: int, out_channels: int) -> nn.Module:
+    """Identity, or a 1x1 conv when the residual branch changes the channel count."""
+    if in_channels == out_channels:
+        return nn.Identity()
+    return nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+
 class PreActResBlock(nn.Module):
     """ResNet-v2 block: (BN -> act -> conv3x3) x 2, plus an identity or 1x1-conv shortcut.
 
@@ -62,11 +69,7 @@ class PreActResBlock(nn.Module):
             make_activation(activation),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
         )
-        self.shortcut = (
-            nn.Identity()
-            if in_channels == out_channels
-            else nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        )
+        self.shortcut = _shortcut(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.residual(x) + self.shortcut(x)
@@ -106,11 +109,7 @@ class ConvNeXtBlock(nn.Module):
             nn.GELU(),
             nn.Conv2d(in_channels, out_channels, 1, bias=False),
         )
-        self.shortcut = (
-            nn.Identity()
-            if in_channels == out_channels
-            else nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        )
+        self.shortcut = _shortcut(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.residual(x) + self.shortcut(x)
