@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 # VENV_ARGS=--system-site-packages) is kept. On machines with a local CPU wheel pip takes it.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.joenet-installed
+DEV_STAMP := $(VENV)/.joenet-dev-installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -21,26 +22,31 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install joenet (editable) with its dev tools
+# Test and lint tools, readers for the converter, Dask, notebooks: only what `make test` needs.
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(DEV_STAMP)
+
+install: $(DEV_STAMP) ## Create .venv and install joenet (editable) with its dev tools
 
 train: $(STAMP) ## Train on the synthetic volume (CPU demo preset when there is no CUDA GPU)
 	$(PY) -m joenet.train $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else 'preset=cpu_demo')") $(ARGS)
 
-test: $(STAMP) lint ## Lint, then run the whole test suite (what CI runs)
+test: $(DEV_STAMP) lint ## Lint, then run the whole test suite (what CI runs)
 	$(PY) -m pytest $(ARGS)
 
-lint: $(STAMP) ## ruff lint and format check
+lint: $(DEV_STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-format: $(STAMP) ## Format and autofix with ruff
+format: $(DEV_STAMP) ## Format and autofix with ruff
 	$(VENV)/bin/ruff format src tests benchmarks
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
-bench: $(STAMP) ## Run the benchmarks against their peers (not part of the tests)
+bench: $(DEV_STAMP) ## Run the benchmarks against their peers (not part of the tests)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/model_figures.py
 	$(PY) benchmarks/augment_bench.py

@@ -115,8 +115,14 @@ def test_resume_after_kill_matches_an_uninterrupted_run(data_dir: Path, tmp_path
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
-    uninterrupted = compose_train([*overrides, f"paths.output_dir={tmp_path / 'straight'}"])
-    train(uninterrupted)
+    # The reference runs in a fresh process too: the same threads and allocator state as the
+    # resumed run, whatever earlier tests did in this one.
+    uninterrupted = subprocess.run(
+        [sys.executable, "-m", "joenet.train", *overrides,
+         f"hydra.run.dir={tmp_path / 'straight'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["global_step"] == straight["global_step"] == 6
