@@ -38,8 +38,9 @@ def _conv_backward_flop(
     return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
-def _gflops(model: UNet2d, train: bool) -> float:
-    x = torch.rand(PATCH)
+def count_gflops(model: torch.nn.Module, train: bool, shape: tuple = PATCH) -> float:
+    """GFLOPs of a forward pass, or of forward + BCE + backward with ``train``, for ``shape``."""
+    x = torch.rand(shape)
     model.train(train)
     mapping = {torch.ops.aten.convolution_backward: _conv_backward_flop}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
@@ -60,8 +61,8 @@ def main() -> None:
         model = UNet2d(down=down, up=up)
         params = sum(p.numel() for p in model.parameters())
         print(
-            f"| {down} | {up} | {params:,} | {_gflops(model, train=False):.2f} "
-            f"| {_gflops(model, train=True):.2f} | {model.receptive_field()} |"
+            f"| {down} | {up} | {params:,} | {count_gflops(model, train=False):.2f} "
+            f"| {count_gflops(model, train=True):.2f} | {model.receptive_field()} |"
         )
     print(f"\nUNet2d defaults otherwise; FLOPs per {'x'.join(map(str, PATCH))} patch.")
 
