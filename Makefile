@@ -50,6 +50,7 @@ bench: $(DEV_STAMP) ## Run the benchmarks against their peers (not part of the t
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/model_figures.py
 	$(PY) benchmarks/augment_bench.py
+	$(PY) benchmarks/train_step_bench.py
 	$(PY) benchmarks/data_bench.py
 	$(PY) benchmarks/predict_bench.py
 
