@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -62,6 +63,15 @@ def default_precision() -> str:
 def first_not_null(*values: object) -> object:
     """The first value that is not None (``oc.select`` returns a null instead of its default)."""
     return next((value for value in values if value is not None), None)
+
+
+def to_plain(value: Any) -> Any:
+    """Hydra containers (and tuples) as plain dicts and lists: for constructors and checkpoints."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def register_resolvers() -> None:

@@ -9,21 +9,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
+from joenet.config import to_plain
 from joenet.losses import BCEDiceLoss
 from joenet.metrics import SegmentationMetrics
 from joenet.model import UNet2d
-
-
-def _plain(value: Any) -> Any:
-    """Hydra containers as plain dicts/lists, so checkpoints hold primitives only."""
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
 
 
 class SegmentationLitModule(L.LightningModule):
@@ -72,8 +63,8 @@ class SegmentationLitModule(L.LightningModule):
             raise ValueError(
                 f"model.nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}"
             )
-        class_names = _plain(class_names)
-        net = _plain(net) or {}
+        class_names = to_plain(class_names)
+        net = to_plain(net) or {}
         self.save_hyperparameters()
         self.net = UNet2d(in_channels=1, out_channels=len(class_names), **net)
         self.criterion = BCEDiceLoss(bce_weight=bce_weight, dice_weight=dice_weight)

@@ -57,12 +57,15 @@ def environment() -> dict:
     }
 
 
-def write_run_info(output_dir: str | Path, cfg: DictConfig) -> None:
-    """Write ``config.yaml``, ``command.txt`` and ``run_info.json`` into the run directory."""
+def write_run_info(output_dir: str | Path, cfg: DictConfig, entry: str = "joenet.train") -> None:
+    """Write ``config.yaml``, ``command.txt`` and ``run_info.json`` into the run directory.
+
+    ``entry`` is the module that was run (``python -m <entry>``), for ``command.txt``.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-    command = shlex.join([sys.executable, "-m", "joenet.train", *sys.argv[1:]])
+    command = shlex.join([sys.executable, "-m", entry, *sys.argv[1:]])
     (output_dir / "command.txt").write_text(command + "\n")
     info = {"git": git_state(), **environment()}
     (output_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -9,9 +9,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, default_collate
 
+from joenet.config import to_plain
 from joenet.data.augment import BatchAugment
 from joenet.data.dataset import RandomPatchDataset, ShardSampler, TileDataset
 from joenet.data.sampler import Box, Region, foreground_points, start_rectangles
@@ -104,7 +104,7 @@ class EMDataModule(L.LightningDataModule):
         if (path is None) == (volumes is None):
             raise ValueError("give either data.path (one volume) or data.volumes (a list)")
         defaults = {"train_z": train_z, "val_z": val_z, "holdout": holdout}
-        specs = [{"path": path}] if volumes is None else [_plain(v) for v in volumes]
+        specs = [{"path": path}] if volumes is None else [dict(to_plain(v)) for v in volumes]
         self.volume_specs = [{**defaults, **spec} for spec in specs]
         self._keys = (
             ["data"] if volumes is None else [f"data.volumes[{i}]" for i in range(len(specs))]
@@ -120,7 +120,7 @@ class EMDataModule(L.LightningDataModule):
         self.reject_constant = reject_constant
         self.synthetic = dict(synthetic) if synthetic else None
         self.cache_bytes = cache_bytes
-        self.volume_options = _plain(volume or {})
+        self.volume_options = dict(to_plain(volume or {}))
         self.multiprocessing_context = multiprocessing_context
         self.augment = BatchAugment(patch_size=patch_size, **dict(augment or {}))
         self.train_dataset: RandomPatchDataset | None = None
@@ -135,12 +135,11 @@ class EMDataModule(L.LightningDataModule):
             return
         train_regions, val_regions = [], []
         for spec, key in zip(self.volume_specs, self._keys, strict=True):
-            options = {**self.volume_options, **_plain(spec.get("volume") or {})}
+            options = {**self.volume_options, **dict(to_plain(spec.get("volume") or {}))}
             volume = ZarrVolume(
                 str(spec["path"]), self.class_names, cache_bytes=self.cache_bytes, **options
             )
-            if volume.annotated_boxes() != [(0, volume.shape[0], 0, *volume.shape[1:2], 0,
-                                             volume.shape[2])]:  # fmt: skip
+            if volume.has_crops:
                 train, val = _crop_regions(volume, spec, key, self.augment.window, self.patch_size)
                 train_regions += train
                 val_regions += val
@@ -217,13 +216,6 @@ class EMDataModule(L.LightningDataModule):
         if params is None:  # a batch from another loader: draw the parameters here
             return self.augment(batch)
         return self.augment.apply(batch, params)
-
-
-def _plain(value: Any) -> Any:
-    """Hydra containers as plain dicts and lists (for ZarrVolume and the checkpoint)."""
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return dict(value) if isinstance(value, Mapping) else value
 
 
 def _z_range(volume: ZarrVolume, z_range: Sequence[int], key: str) -> tuple[int, int]:

@@ -310,6 +310,11 @@ class ZarrVolume:
 
     # -- reading ---------------------------------------------------------------------------
 
+    @property
+    def has_crops(self) -> bool:
+        """Whether labels come from separate crops (CellMap) rather than whole-volume arrays."""
+        return self._crops is not None
+
     def annotated_boxes(self) -> list[tuple[int, int, int, int, int, int]]:
         """Where labels exist, as half-open (z0, z1, y0, y1, x0, x1) boxes in raw voxels.
 
