@@ -46,13 +46,18 @@ format: $(DEV_STAMP) ## Format and autofix with ruff
 	$(VENV)/bin/ruff format src tests benchmarks
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
-bench: $(DEV_STAMP) ## Run the benchmarks against their peers (not part of the tests)
+# torch-em without its dependencies: they pull torchvision, which does not install beside the
+# CPU torch; its UNet2d needs only torch (benchmarks/train_step_bench.py).
+bench: $(DEV_STAMP) ## Run the benchmarks against their peers (~1 h on 2 CPU cores; not in the tests)
 	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m pip install --quiet --no-deps torch-em
 	$(PY) benchmarks/model_figures.py
 	$(PY) benchmarks/augment_bench.py
 	$(PY) benchmarks/train_step_bench.py
+	$(PY) benchmarks/pipeline_bench.py
 	$(PY) benchmarks/data_bench.py
 	$(PY) benchmarks/predict_bench.py
+	$(PY) benchmarks/time_to_accuracy.py --out time_to_accuracy
 
 clean: ## Remove the venv, caches and build outputs (keeps logs/ and data/)
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache src/*.egg-info

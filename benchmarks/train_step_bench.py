@@ -1,21 +1,35 @@
-"""Training and inference speed of joenet's U-Net against MONAI's BasicUNet, side by side.
+"""Training and inference speed of joenet's U-Net against MONAI's BasicUNet and torch-em's UNet2d.
 
-Run: ``python benchmarks/train_step_bench.py [--batch-size 4] [--patch-size 256] [--steps 5]``.
+Run: ``python benchmarks/train_step_bench.py [--batch-size 16] [--patch-size 256] [--steps 2]``
+(``--quick`` leaves out the joenet variants that only explain the default).
 
-Both models get the same batches, loss (joenet's BCE + Dice), AdamW and precision (fp32 on a CPU,
-bf16 autocast on a GPU). Printed per model: patches/s for a training step (forward, loss,
-backward, optimizer step) and for inference, FLOPs per patch (convolutions, from
-``FlopCounterMode`` with the grouped-convolution correction of ``model_figures.py``), the achieved
-GFLOP/s and its fraction of the measured fp32 matmul peak of this machine. torch-em's UNet2d is
-measured too when ``torch_em`` imports (it needs torchvision, which does not install beside the
-CPU build of torch; use a separate venv with torch 2.14.1 + torchvision 0.29.1 for it).
+Every row gets the same batches, loss (joenet's BCE + Dice), AdamW and precision (fp32 on a
+CPU, bf16 autocast on a GPU). Printed per row: patches/s of a training step (forward, loss,
+backward, optimizer step) and of inference, FLOPs per patch (convolutions, from
+``FlopCounterMode`` with the grouped-convolution correction of ``model_figures.py``), and the
+achieved GFLOP/s as a fraction of this machine's fp32 matmul peak, measured in the same run.
+
+Rows with ``micro-batch m`` split each batch into chunks of ``m`` patches and accumulate the
+gradients (Lightning's ``accumulate_grad_batches`` does the same in training): one optimizer step
+per batch, so the update is the batch's, except that BatchNorm sees the chunk's statistics. On a
+CPU a chunk whose activations fit the last-level cache runs much closer to the matmul peak.
+
+torch-em's ``UNet2d`` (depth 3, 32 initial features: the same 32-64-128-256 widths as joenet)
+comes from the ``torch-em`` wheel on PyPI. Its package imports torchvision, which does not
+install beside the CPU build of torch, so ``pip install --no-deps torch-em`` is enough: when
+``import torch_em`` fails, ``torch_em/model/unet.py`` (which needs only torch and numpy) is
+loaded from the installed wheel by its path.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from model_figures import count_gflops
@@ -23,6 +37,16 @@ from torch import nn
 
 from joenet.losses import BCEDiceLoss
 from joenet.model import UNet2d
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    make: Callable[[], nn.Module]
+    micro_batch: int | None = None  # None: the whole batch in one pass
+    channels_last: bool = False
+    compile: bool = False
+    fused: bool = True  # AdamW's fused kernel; False: the default multi-tensor one
 
 
 def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
@@ -43,7 +67,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _time(step: Callable[[], None], steps: int, device: torch.device) -> float:
-    step()  # warm-up: allocator, kernel selection
+    step()  # warm-up: allocator, kernel selection, compilation
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -52,30 +76,39 @@ def _time(step: Callable[[], None], steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def measure(model: nn.Module, batch: int, patch: int, steps: int, device: torch.device) -> dict:
-    model = model.to(device)
-    x = torch.rand(batch, 1, patch, patch, device=device)
+def measure(row: Row, batch: int, patch: int, steps: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = row.make().to(device)
+    fmt = torch.channels_last if row.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.rand(batch, 1, patch, patch, device=device).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 2, patch, patch, device=device) > 0.9).float()
+    net = torch.compile(model) if row.compile else model
     criterion = BCEDiceLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=row.fused)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    chunk = row.micro_batch or batch
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = criterion(model(x), y)
-        loss.backward()
+        for i in range(0, batch, chunk):
+            with autocast:
+                loss = criterion(net(x[i : i + chunk]), y[i : i + chunk])
+            (loss * (min(chunk, batch - i) / batch)).backward()
         optimizer.step()
 
     def infer() -> None:
         with torch.inference_mode(), autocast:
-            model(x)
+            for i in range(0, batch, chunk):
+                net(x[i : i + chunk])
 
     model.train()
+    start = time.perf_counter()
     train_s = _time(train_step, steps, device)
+    first_s = time.perf_counter() - start - steps * train_s
     model.eval()
     infer_s = _time(infer, steps, device)
-    cpu_model = model.to("cpu")
+    cpu_model = model.to("cpu", memory_format=torch.contiguous_format)
     flops_train = count_gflops(cpu_model, train=True, shape=(1, 1, patch, patch))
     flops_infer = count_gflops(cpu_model, train=False, shape=(1, 1, patch, patch))
     return {
@@ -84,56 +117,97 @@ def measure(model: nn.Module, batch: int, patch: int, steps: int, device: torch.
         "train_gflop_s": flops_train * batch / train_s,
         "infer_gflop_s": flops_infer * batch / infer_s,
         "train_gflop": flops_train,
-        "infer_gflop": flops_infer,
+        "first_step_s": first_s,
         "params": sum(p.numel() for p in model.parameters()),
     }
 
 
-def peers() -> dict[str, Callable[[], nn.Module]]:
-    models: dict[str, Callable[[], nn.Module]] = {"joenet UNet2d": UNet2d}
-    try:
-        from monai.networks.nets import BasicUNet
-
-        models["MONAI BasicUNet"] = lambda: BasicUNet(
-            spatial_dims=2, in_channels=1, out_channels=2, features=(32, 32, 64, 128, 256, 32)
-        )
-    except ImportError:
-        print("MONAI not installed (pip install 'joenet[bench]'): its BasicUNet is skipped")
+def torch_em_unet2d() -> type[nn.Module]:
+    """torch-em's UNet2d class from the installed wheel, with or without its package importing."""
     try:
         from torch_em.model import UNet2d as TorchEmUNet2d
 
-        models["torch-em UNet2d"] = lambda: TorchEmUNet2d(
-            in_channels=1, out_channels=2, depth=4, initial_features=32
-        )
-    except Exception as err:  # ImportError, or torchvision failing beside the CPU torch
-        print(f"torch-em skipped: {type(err).__name__}: {str(err)[:100]}")
-    return models
+        return TorchEmUNet2d
+    except ImportError:
+        spec = importlib.util.find_spec("torch_em")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+    path = Path(spec.submodule_search_locations[0]) / "model" / "unet.py"
+    module_spec = importlib.util.spec_from_file_location("torch_em_model_unet", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.UNet2d
+
+
+def rows(quick: bool, micro_batch: int) -> list[Row]:
+    joenet = "joenet UNet2d"
+    table = [Row(joenet, UNet2d), Row(f"{joenet}, micro-batch {micro_batch}", UNet2d, micro_batch)]
+    if not quick:
+        table += [
+            Row(f"{joenet}, foreach AdamW", UNet2d, fused=False),
+            Row(f"{joenet}, channels_last", UNet2d, channels_last=True),
+            Row(f"{joenet}, torch.compile", UNet2d, compile=True),
+            Row(f"{joenet}, micro-batch {micro_batch}, torch.compile", UNet2d, micro_batch,
+                compile=True),
+        ]  # fmt: skip
+    try:
+        from monai.networks.nets import BasicUNet
+
+        def basic_unet() -> nn.Module:
+            return BasicUNet(
+                spatial_dims=2, in_channels=1, out_channels=2, features=(32, 32, 64, 128, 256, 32)
+            )
+
+        table += [
+            Row("MONAI BasicUNet", basic_unet),
+            Row(f"MONAI BasicUNet, micro-batch {micro_batch}", basic_unet, micro_batch),
+        ]
+    except ImportError:
+        print("MONAI not installed (pip install 'joenet[bench]'): its BasicUNet is skipped")
+    try:
+        torch_em = torch_em_unet2d()
+
+        def torch_em_net() -> nn.Module:
+            return torch_em(in_channels=1, out_channels=2, depth=3, initial_features=32)
+
+        table += [
+            Row("torch-em UNet2d", torch_em_net),
+            Row(f"torch-em UNet2d, micro-batch {micro_batch}", torch_em_net, micro_batch),
+        ]
+    except Exception as err:  # not installed, or its module failing to import
+        print(f"torch-em skipped ({type(err).__name__}: {str(err)[:100]}); "
+              "pip install --no-deps torch-em")  # fmt: skip
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--patch-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="only the defaults and the peers")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
     peak = matmul_peak(device)
-    print(f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"fp32 matmul peak {peak:.0f} GFLOP/s; batch {args.batch_size}, "
-          f"{args.patch_size} px, {args.steps} timed steps")  # fmt: skip
-    rows = {name: measure(make(), args.batch_size, args.patch_size, args.steps, device)
-            for name, make in peers().items()}  # fmt: skip
-    base = rows["joenet UNet2d"]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+    print(f"{device} ({where or platform.machine()}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s; "
+          f"batch {args.batch_size}, {args.patch_size} px, {args.steps} timed steps")  # fmt: skip
+    results = {}
+    for row in rows(args.quick, args.micro_batch):
+        results[row.name] = measure(row, args.batch_size, args.patch_size, args.steps, device)
+        print(f"  measured {row.name}", flush=True)
+    base = results["joenet UNet2d"]
     print(
         "\n| model | params | train GFLOP/patch | train patches/s | train % of peak "
-        "| infer patches/s | infer % of peak | train speed vs joenet |"
+        "| infer patches/s | infer % of peak | first step s | train vs joenet default |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, r in rows.items():
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
         print(f"| {name} | {r['params']:,} | {r['train_gflop']:.1f} | {r['train_patches_s']:.2f} "
               f"| {100 * r['train_gflop_s'] / peak:.0f} % | {r['infer_patches_s']:.2f} "
-              f"| {100 * r['infer_gflop_s'] / peak:.0f} % "
+              f"| {100 * r['infer_gflop_s'] / peak:.0f} % | {r['first_step_s']:.1f} "
               f"| {r['train_patches_s'] / base['train_patches_s']:.2f}x |")  # fmt: skip
 
 

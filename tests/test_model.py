@@ -26,6 +26,8 @@ VARIANTS = [
     {"bottleneck_kernel_size": 5},
     {"bottleneck_kernel_size": 7, "blocks_per_level": 2, "bottleneck_blocks": 2, "down": "maxpool"},
     {"dropout": 0.1},
+    {"norm": "instance"},
+    {"norm": "group", "down": "maxpool", "up": "bilinear"},
 ]
 
 
@@ -101,12 +103,24 @@ def test_indivisible_input_message_for_default_depth() -> None:
         {"up": "nearest"},
         {"dropout": 1.0},
         {"dropout": -0.1},
+        {"norm": "layer"},
     ],
     ids=_variant_id,
 )
 def test_bad_constructor_args_raise(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         UNet2d(**kwargs)
+
+
+@pytest.mark.parametrize("norm", ["instance", "group"])
+def test_per_sample_norms_do_not_mix_the_batch(norm: str) -> None:
+    # Unlike BatchNorm, a sample's output in training mode does not depend on its batch mates.
+    torch.manual_seed(0)
+    net = UNet2d(channels=(8, 16, 32, 64), norm=norm).train()
+    x = torch.rand(3, 1, 32, 32)
+    torch.testing.assert_close(net(x)[:1], net(x[:1]), atol=1e-5, rtol=1e-4)
+    batch_norm = UNet2d(channels=(8, 16, 32, 64)).train()
+    assert not torch.allclose(batch_norm(x)[:1], batch_norm(x[:1]), atol=1e-3)
 
 
 def test_blocks() -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 Activation = Literal["gelu", "leaky_relu"]
+Norm = Literal["batch", "instance", "group"]
 DownKind = Literal["strided", "maxpool"]
 UpKind = Literal["transposed", "bilinear"]
 
@@ -39,6 +40,21 @@ def make_activation(name: Activation) -> nn.Module:
     return nn.LeakyReLU(0.01, inplace=False)
 
 
+def make_norm(name: Norm, channels: int) -> nn.Module:
+    """Build the normalisation called ``name`` for ``channels`` channels.
+
+    ``batch`` is the seed's BatchNorm. ``instance`` (affine, no running statistics, as MONAI's
+    BasicUNet) and ``group`` (8 channels per group, GroupNorm) normalise each sample alone, so
+    training and inference see the same statistics whatever the batch or tile size.
+    """
+    _check_choice("norm", name, get_args(Norm))
+    if name == "batch":
+        return nn.BatchNorm2d(channels)
+    if name == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    return nn.GroupNorm(max(1, channels // 8), channels)
+
+
 def _shortcut(in_channels: int, out_channels: int) -> nn.Module:
     """Identity, or a 1x1 conv when the residual branch changes the channel count."""
     if in_channels == out_channels:
@@ -47,25 +63,30 @@ def _shortcut(in_channels: int, out_channels: int) -> nn.Module:
 
 
 class PreActResBlock(nn.Module):
-    """ResNet-v2 block: (BN -> act -> conv3x3) x 2, plus an identity or 1x1-conv shortcut.
+    """ResNet-v2 block: (norm -> act -> conv3x3) x 2, plus an identity or 1x1-conv shortcut.
 
     Args:
         in_channels: Channels of the input.
         out_channels: Channels of the output; a 1x1 conv shortcut is used when they differ.
         activation: ``"gelu"`` or ``"leaky_relu"``.
+        norm: ``"batch"``, ``"instance"`` or ``"group"``, see :func:`make_norm`.
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, activation: Activation = "gelu"
+        self,
+        in_channels: int,
+        out_channels: int,
+        activation: Activation = "gelu",
+        norm: Norm = "batch",
     ) -> None:
         super().__init__()
-        # Convs have no bias: each is followed by a BN (directly or in the next block) whose
+        # Convs have no bias: each is followed by a norm (directly or in the next block) whose
         # shift makes a bias redundant.
         self.residual = nn.Sequential(
-            nn.BatchNorm2d(in_channels),
+            make_norm(norm, in_channels),
             make_activation(activation),
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            make_norm(norm, out_channels),
             make_activation(activation),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
         )
@@ -85,9 +106,12 @@ class ConvNeXtBlock(nn.Module):
         in_channels: Channels of the input.
         out_channels: Channels of the output; a 1x1 conv shortcut is used when they differ.
         kernel_size: Odd side of the depthwise kernel.
+        norm: ``"batch"``, ``"instance"`` or ``"group"``, see :func:`make_norm`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 7, norm: Norm = "batch"
+    ) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(
@@ -95,7 +119,7 @@ class ConvNeXtBlock(nn.Module):
                 f"got {kernel_size}: use e.g. 5 or 7"
             )
         self.residual = nn.Sequential(
-            nn.BatchNorm2d(in_channels),
+            make_norm(norm, in_channels),
             nn.GELU(),
             nn.Conv2d(
                 in_channels,
@@ -105,7 +129,7 @@ class ConvNeXtBlock(nn.Module):
                 groups=in_channels,
                 bias=False,
             ),
-            nn.BatchNorm2d(in_channels),
+            make_norm(norm, in_channels),
             nn.GELU(),
             nn.Conv2d(in_channels, out_channels, 1, bias=False),
         )

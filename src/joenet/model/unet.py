@@ -18,10 +18,12 @@ from joenet.model.blocks import (
     ConvNeXtBlock,
     Down,
     DownKind,
+    Norm,
     PreActResBlock,
     Up,
     UpKind,
     make_activation,
+    make_norm,
 )
 
 
@@ -156,6 +158,8 @@ class UNet2d(nn.Module):
             is downsampled ``len(channels) - 1`` times.
         blocks_per_level: :class:`PreActResBlock` per encoder and per decoder level.
         activation: Activation of the residual blocks and the head (the bottleneck uses GELU).
+        norm: ``"batch"`` (the seed's BatchNorm), ``"instance"`` or ``"group"``: see
+            :func:`~joenet.model.blocks.make_norm`.
         bottleneck_kernel_size: Odd side of the bottleneck's depthwise kernel.
         bottleneck_blocks: :class:`ConvNeXtBlock` in the bottleneck.
         down: ``"strided"`` (2x2 stride-2 conv) or ``"maxpool"``.
@@ -170,6 +174,7 @@ class UNet2d(nn.Module):
         channels: Sequence[int] = (32, 64, 128, 256),
         blocks_per_level: int = 1,
         activation: Activation = "gelu",
+        norm: Norm = "batch",
         bottleneck_kernel_size: int = 7,
         bottleneck_blocks: int = 1,
         down: DownKind = "strided",
@@ -190,6 +195,8 @@ class UNet2d(nn.Module):
             raise ValueError(
                 f"activation must be one of {list(get_args(Activation))}, got {activation!r}"
             )
+        if norm not in get_args(Norm):
+            raise ValueError(f"norm must be one of {list(get_args(Norm))}, got {norm!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.channels = channels
@@ -208,7 +215,12 @@ class UNet2d(nn.Module):
         for i, level_channels in enumerate(channels[:-1]):
             self.encoder.append(
                 _stage(
-                    width, level_channels, blocks_per_level, PreActResBlock, activation=activation
+                    width,
+                    level_channels,
+                    blocks_per_level,
+                    PreActResBlock,
+                    activation=activation,
+                    norm=norm,
                 )
             )
             downsample = Down(level_channels, channels[i + 1], down)
@@ -220,6 +232,7 @@ class UNet2d(nn.Module):
             bottleneck_blocks,
             ConvNeXtBlock,
             kernel_size=bottleneck_kernel_size,
+            norm=norm,
         )
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
 
@@ -235,12 +248,13 @@ class UNet2d(nn.Module):
                     blocks_per_level,
                     PreActResBlock,
                     activation=activation,
+                    norm=norm,
                 )
             )
         # Pre-activation blocks output un-normalised sums, so the head normalises and activates
         # before its 1x1 conv, as the final BN-ReLU of ResNet-v2.
         self.head = nn.Sequential(
-            nn.BatchNorm2d(channels[0]),
+            make_norm(norm, channels[0]),
             make_activation(activation),
             nn.Conv2d(channels[0], out_channels, 1),
         )
