@@ -27,6 +27,7 @@ VARIANTS = [
     {"bottleneck_kernel_size": 7, "blocks_per_level": 2, "bottleneck_blocks": 2, "down": "maxpool"},
     {"dropout": 0.1},
     {"norm": "instance"},
+    {"input_norm": False},
     {"norm": "group", "down": "maxpool", "up": "bilinear"},
 ]
 
@@ -110,6 +111,20 @@ def test_indivisible_input_message_for_default_depth() -> None:
 def test_bad_constructor_args_raise(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         UNet2d(**kwargs)
+
+
+def test_without_input_norm_the_first_conv_sees_the_raw_image() -> None:
+    torch.manual_seed(0)
+    net = UNet2d(channels=TINY, input_norm=False).train()
+    block = net.encoder[0][0]
+    x = torch.rand(2, 1, 16, 16) * 10 - 5  # negative values too: GELU would have clipped them
+    conv = block.residual[2]
+    torch.testing.assert_close(block.residual[:3](x), F.conv2d(x, conv.weight, padding=1))
+    with_norm = UNet2d(channels=TINY).encoder[0][0]
+    assert isinstance(with_norm.residual[0], nn.BatchNorm2d)
+    # Only the first block changes: the rest of the state dict keeps its keys.
+    keys = set(UNet2d(channels=TINY).state_dict()) - set(net.state_dict())
+    assert keys and all(k.startswith("encoder.0.0.residual.0.") for k in keys)
 
 
 @pytest.mark.parametrize("norm", ["instance", "group"])

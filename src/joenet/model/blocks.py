@@ -70,6 +70,8 @@ class PreActResBlock(nn.Module):
         out_channels: Channels of the output; a 1x1 conv shortcut is used when they differ.
         activation: ``"gelu"`` or ``"leaky_relu"``.
         norm: ``"batch"``, ``"instance"`` or ``"group"``, see :func:`make_norm`.
+        preactivate: normalise and activate the input before the first conv; False when the
+            input is the raw image (ResNet-v2 starts with a plain conv on the image).
     """
 
     def __init__(
@@ -78,13 +80,15 @@ class PreActResBlock(nn.Module):
         out_channels: int,
         activation: Activation = "gelu",
         norm: Norm = "batch",
+        preactivate: bool = True,
     ) -> None:
         super().__init__()
         # Convs have no bias: each is followed by a norm (directly or in the next block) whose
         # shift makes a bias redundant.
+        # Identities keep the layer indices, so checkpoints of both kinds share their key names.
         self.residual = nn.Sequential(
-            make_norm(norm, in_channels),
-            make_activation(activation),
+            make_norm(norm, in_channels) if preactivate else nn.Identity(),
+            make_activation(activation) if preactivate else nn.Identity(),
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
             make_norm(norm, out_channels),
             make_activation(activation),

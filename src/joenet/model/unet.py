@@ -140,10 +140,11 @@ def _stage(
     out_channels: int,
     num_blocks: int,
     make_block: Callable[..., nn.Module],
+    first_block: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> nn.Sequential:
     # Only the first block changes the width; the rest keep it.
-    blocks = [make_block(in_channels, out_channels, **kwargs)]
+    blocks = [make_block(in_channels, out_channels, **kwargs, **(first_block or {}))]
     blocks += [make_block(out_channels, out_channels, **kwargs) for _ in range(num_blocks - 1)]
     return nn.Sequential(*blocks)
 
@@ -160,6 +161,9 @@ class UNet2d(nn.Module):
         activation: Activation of the residual blocks and the head (the bottleneck uses GELU).
         norm: ``"batch"`` (the seed's BatchNorm), ``"instance"`` or ``"group"``: see
             :func:`~joenet.model.blocks.make_norm`.
+        input_norm: the first block normalises and activates the raw image before its first
+            conv, as the seed's pre-activation block reads. False starts with a plain conv on
+            the image, as ResNet-v2 does: on Lucchi it learned faster (docs/benchmarks.md).
         bottleneck_kernel_size: Odd side of the bottleneck's depthwise kernel.
         bottleneck_blocks: :class:`ConvNeXtBlock` in the bottleneck.
         down: ``"strided"`` (2x2 stride-2 conv) or ``"maxpool"``.
@@ -175,6 +179,7 @@ class UNet2d(nn.Module):
         blocks_per_level: int = 1,
         activation: Activation = "gelu",
         norm: Norm = "batch",
+        input_norm: bool = True,
         bottleneck_kernel_size: int = 7,
         bottleneck_blocks: int = 1,
         down: DownKind = "strided",
@@ -221,6 +226,7 @@ class UNet2d(nn.Module):
                     PreActResBlock,
                     activation=activation,
                     norm=norm,
+                    first_block={"preactivate": input_norm} if i == 0 else None,
                 )
             )
             downsample = Down(level_channels, channels[i + 1], down)
