@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from train_step_bench import seconds_per_step, sync
 
 from joenet.data.datamodule import EMDataModule
 from joenet.data.synthetic import ensure_synthetic_volume
@@ -54,13 +55,8 @@ def batches_per_s(data: EMDataModule, count: int, device: torch.device) -> tuple
     start = time.perf_counter()
     for batch, p in zip(on_device, params, strict=True):
         data.augment.apply(batch, p)
-    _sync(device)
+    sync(device)
     return count / read_s, count / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def training_s(data: EMDataModule | None, steps: int, args: argparse.Namespace,
@@ -89,13 +85,7 @@ def training_s(data: EMDataModule | None, steps: int, args: argparse.Namespace,
         loss.backward()
         optimizer.step()
 
-    step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) / steps
+    return seconds_per_step(step, steps, device)
 
 
 def main() -> None:

@@ -53,26 +53,27 @@ def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 10) -> fl
     """Achieved fp32 matmul GFLOP/s, the ceiling convolutions are compared against."""
     a = torch.rand(size, size, device=device)
     a @ a
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ a
-    _sync(device)
+    sync(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def _time(step: Callable[[], None], steps: int, device: torch.device) -> float:
+def seconds_per_step(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Mean seconds of ``step`` over ``steps`` calls, after one untimed warm-up call."""
     step()  # warm-up: allocator, kernel selection, compilation
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) / steps
 
 
@@ -104,10 +105,10 @@ def measure(row: Row, batch: int, patch: int, steps: int, device: torch.device) 
 
     model.train()
     start = time.perf_counter()
-    train_s = _time(train_step, steps, device)
+    train_s = seconds_per_step(train_step, steps, device)
     first_s = time.perf_counter() - start - steps * train_s
     model.eval()
-    infer_s = _time(infer, steps, device)
+    infer_s = seconds_per_step(infer, steps, device)
     cpu_model = model.to("cpu", memory_format=torch.contiguous_format)
     flops_train = count_gflops(cpu_model, train=True, shape=(1, 1, patch, patch))
     flops_infer = count_gflops(cpu_model, train=False, shape=(1, 1, patch, patch))
