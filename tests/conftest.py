@@ -58,6 +58,18 @@ def compose_train(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+@pytest.fixture(scope="session")
+def ckpt_path(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained for one epoch (no logger or image callback: seconds)."""
+    from joenet.train import train
+
+    run_dir = tmp_path_factory.mktemp("predict_run")
+    overrides = [*tiny_overrides(data_dir, run_dir), "trainer.max_epochs=1", "~logger",
+                 "~callbacks.validation_images", "~callbacks.lr_monitor"]  # fmt: skip
+    train(compose_train(overrides))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
 @pytest.fixture
 def cfg_tiny(data_dir: Path, tmp_path: Path) -> DictConfig:
     return compose_train(tiny_overrides(data_dir, tmp_path / "run"))

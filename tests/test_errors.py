@@ -79,7 +79,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         lambda tmp: [f"data.path={_volume(tmp / 'v.zarr', _nan_raw(), mito=_mito())}"],
         r"v\.zarr/raw: NaN or Inf in raw slice z=\d+"),
     "corrupt chunk": (lambda tmp: [f"data.path={_corrupt_volume(tmp)}"],
-                      r"v\.zarr: cannot (read slice|load its arrays).*chunk is corrupt or missing"),
+                      r"v\.zarr(/raw)?: cannot (read slice|load its arrays).*chunk is corrupt"),
     "incompatible init_from checkpoint": (
         lambda tmp: [f"init_from={_checkpoint_of_other_model(tmp)}"],
         r"init_from=.*other\.ckpt: its weights do not fit model\.net="),

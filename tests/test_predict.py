@@ -22,20 +22,9 @@ from joenet.inference import checkpoint, predict_volume
 from joenet.inference.source import InputImage
 from joenet.inference.tiling import PlanePredictor, plan_axis, tile_margin
 from joenet.model import UNet2d
-from joenet.train import train
-from tests.conftest import TINY_SHAPE, compose_train, tiny_overrides
+from tests.conftest import TINY_SHAPE
 
 FAST = {"progress": False, "device": "cpu"}
-
-
-@pytest.fixture(scope="session")
-def ckpt_path(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model trained for one epoch (no logger or image callback: seconds)."""
-    run_dir = tmp_path_factory.mktemp("predict_run")
-    overrides = [*tiny_overrides(data_dir, run_dir), "trainer.max_epochs=1", "~logger",
-                 "~callbacks.validation_images", "~callbacks.lr_monitor"]  # fmt: skip
-    train(compose_train(overrides))
-    return run_dir / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="session")

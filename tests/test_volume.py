@@ -150,7 +150,9 @@ def test_ngff_04_on_zarr_v2_squeezes_channel_axis_and_converts_units(tmp_path: P
     volume = ZarrVolume(tmp_path / "img.zarr", raw_key="img/s0")  # an array inside the group
     assert volume.shape == (2, 32, 32) and volume.voxel_size_nm == pytest.approx([50, 4, 4])
     image, target, _ = volume.read(1, 0, 0, 8)
-    np.testing.assert_allclose(image[0], data[0, 1, :8, :8] / 65535, rtol=1e-6)
+    # Values 0..2047 fill 12 of uint16's 16 bits: read as 12-bit (docs/errors.md).
+    assert volume.normalization == {"kind": "dtype_range", "bit_depth": 12}
+    np.testing.assert_allclose(image[0], data[0, 1, :8, :8] / 4095, rtol=1e-6)
     assert volume.labelled == (False, False) and not target.any()
     _write_ome(group, "two_channels", [(np.zeros((2, 2, 32, 32), np.uint8), [1] * 4, [0] * 4)])
     with pytest.raises(VolumeError, match=r"3 axes \(z, y, x\) after leading axes of size 1"):
@@ -274,7 +276,7 @@ def test_http_url_reads_and_reopens_after_pickling(http_root: str, tmp_path: Pat
     volume = ZarrVolume(f"{http_root}/vol.zarr", cache_bytes=0)
     assert volume.voxel_size_nm == [5, 5, 5] and volume.labelled == (False, False)
     image = volume.read(2, 10, 5, 20)[0]
-    np.testing.assert_allclose(image[0] * 65535, raw[2, 10:30, 5:25], rtol=1e-6)
+    np.testing.assert_allclose(image[0] * 16383, raw[2, 10:30, 5:25], rtol=1e-6)  # 14-bit
     clone = pickle.loads(pickle.dumps(volume))
     np.testing.assert_array_equal(clone.read(2, 10, 5, 20)[0], image)
     with pytest.raises(VolumeError, match=r"missing\.zarr: not a zarr group"):

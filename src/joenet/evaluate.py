@@ -33,7 +33,9 @@ import numpy as np
 import zarr
 from omegaconf import DictConfig, OmegaConf
 
+from joenet.cli import exit_on_error
 from joenet.config import config_dir, register_resolvers
+from joenet.data.volume import intensity_sample
 from joenet.evaluation import counts, figures
 from joenet.evaluation.instances import instance_metrics
 
@@ -80,6 +82,29 @@ def _binary_from_attrs(group: zarr.Group) -> bool | None:
     """Whether ``joenet.predict`` wrote 0/1 masks (True) or levels (False); None if unsaid."""
     values = dict(group.attrs.get("joenet") or {}).get("values")
     return {"mask 0/1": True, "probability x 255": False}.get(values)
+
+
+def _check_prediction_values(pred: zarr.Array, where: str) -> None:
+    """Refuse values that would be misread: floats outside [0, 1], integers other than uint8.
+
+    Float probabilities are clipped to [0, 1]; logits or a 0..255 scale would be clipped to
+    almost all 0 or 1 and give wrong metrics with no sign of it, so a sample is checked first.
+    """
+    if pred.dtype == bool or pred.dtype == np.uint8:
+        return
+    if pred.dtype.kind != "f":
+        raise ValueError(
+            f"prediction {where}: dtype {pred.dtype} (expected uint8 levels round(255 p), "
+            "bool/0-1 masks or float probabilities in [0, 1])"
+        )
+    sample = intensity_sample(pred, where, what="prediction")
+    low, high = float(sample.min()), float(sample.max())
+    if low < -0.01 or high > 1.01:
+        hint = "divide by 255" if low >= 0 and high <= 255 else "apply a sigmoid to logits"
+        raise ValueError(
+            f"prediction {where}: float values span [{low:.4g}, {high:.4g}], expected "
+            f"probabilities in [0, 1] ({hint} first)"
+        )
 
 
 def _check_z_range(z_range: Sequence[int] | None, depth: int) -> tuple[int, int]:
@@ -185,6 +210,7 @@ def evaluate_volume(
         if pred.shape != labels.shape:
             raise ValueError(f"{prediction}/{name} has shape {pred.shape} but {truth}/labels/"
                              f"{name} has {labels.shape}; they must match (z, y, x)")  # fmt: skip
+        _check_prediction_values(pred, f"{prediction}/{name}")
         metrics, histogram = evaluate_class(
             pred, labels, (start, stop), threshold, iou_match, instances, binary
         )
@@ -316,6 +342,7 @@ def evaluate(
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
+@exit_on_error
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: evaluate, write the report into the run directory, print a table."""
     out_dir = cfg.out_dir or cfg.paths.output_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,21 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> Loa
         divisor=net.divisor,
         device=device,
     )
+
+
+def weights_fingerprint(net: nn.Module) -> str:
+    """SHA-256 of a network's architecture and every tensor of its state dict.
+
+    Content, not the file: a model retrained into the same checkpoint path (same size, same
+    time resolution) gets another fingerprint, the same weights saved elsewhere the same one.
+    ``repr`` covers what the state dict does not hold (activations, interpolation modes).
+    """
+    digest = hashlib.sha256(repr(net).encode())
+    for name, tensor in sorted(net.state_dict().items()):
+        value = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{value.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 def cached_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

@@ -9,20 +9,26 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 import joenet
-from joenet.data.volume import VolumeError
+from joenet.data.volume import VolumeError, fit_normalization
 from joenet.inference.blocks import PLANE_AXES, BlockJob, make_blocks
-from joenet.inference.checkpoint import cached_model, resolve_device
+from joenet.inference.checkpoint import cached_model, resolve_device, weights_fingerprint
 from joenet.inference.executor import run_dask, run_local
 from joenet.inference.instances import label_instances
-from joenet.inference.source import open_input
+from joenet.inference.source import InputImage, open_input
 from joenet.inference.tiling import autocast_dtype, check_tiling, tile_margin
-from joenet.inference.writer import CompletionRecord, open_output
+from joenet.inference.writer import CompletionRecord, check_output, open_output
 
 log = logging.getLogger(__name__)
 _VOXEL_TOLERANCE = 0.10
 _INSTANCES_RECORD = "instances_z_ranges"  # z ranges whose instance labels are complete
-_FINGERPRINT_KEYS = ("tile", "overlap", "blending", "precision", "tta", "threshold")
+_FINGERPRINT_KEYS = ("tile", "overlap", "blending", "tta", "threshold")
+_FLOAT_FIX = (
+    "the checkpoint reads float input as intensities in [0, 1] (dtype_range, as its training "
+    "data): rescale the input to [0, 1] as that data was, or store it as uint8 / uint16"
+)
 
 
 def parse_planes(planes: str | Sequence[str]) -> tuple[str, ...]:
@@ -68,6 +74,28 @@ def _check_overlap(overlap: int, receptive_field: int) -> None:
             "tiled and whole-slice predictions equal",
             overlap, overlap // 2, -(-receptive_field // 16) * 16,
         )  # fmt: skip
+
+
+def _input_normalization(image: InputImage, normalization: Mapping[str, Any]) -> dict:
+    """The checkpoint's normalisation, fitted to this input's actual intensity range.
+
+    ``dtype_range`` means "the data's bit range maps to [0, 1]": it is resolved anew for the
+    input (12-bit data in uint16 / 4095, whatever depth the training data had); ``fixed`` (and
+    resolved percentiles) is applied as trained, with a warning when the input does not fit it.
+    """
+    try:  # one voxel: does the training normalisation apply to this dtype?
+        image.read(((0, 1), (0, 1), (0, 1)), normalization)
+    except ValueError as err:
+        raise VolumeError(f"{image.where}: {err}") from None
+    asked = {key: value for key, value in normalization.items() if key != "bit_depth"}
+    return fit_normalization(image.sample(), asked, image.where, _FLOAT_FIX)
+
+
+def _hashable(mapping: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(
+        (key, tuple(value) if isinstance(value, list) else value)
+        for key, value in sorted(mapping.items())
+    )
 
 
 def _check_voxel_size(
@@ -137,7 +165,10 @@ def predict_volume(
         scheduler_address: use this running Dask cluster instead of a ``LocalCluster``.
         z_range: [start, stop) slices to predict; the others keep the fill value 0.
         block_size: y/x side of a block in px (rounded up to whole chunks).
-        overwrite: delete an existing output instead of resuming it.
+        overwrite: replace an earlier joenet prediction at ``output`` instead of resuming it.
+            Nothing else is ever replaced: an output that is the input, lies inside it or
+            contains it, or an existing path that is not a joenet prediction, is refused with
+            or without it (an empty directory is used as a new output).
         progress: show a progress bar.
         config: the resolved config to store in the output's attributes.
 
@@ -147,15 +178,13 @@ def predict_volume(
     _check_options(tile, overlap, executor, threshold, block_size)
     plane_names = parse_planes(planes)
     torch_device = resolve_device(device)
-    autocast_dtype(precision, torch_device)  # validates the name before any work
-    model = cached_model(ckpt_path, torch_device)
+    compute_dtype = autocast_dtype(precision, torch_device)  # validates it before any work
     image = open_input(input)
+    earlier = check_output(output, input)  # before anything is written
+    model = cached_model(ckpt_path, torch_device)
     voxel_size = image.voxel_size_nm
     _check_voxel_size(voxel_size, model.voxel_size_nm, str(input))
-    try:  # one voxel: does the training normalisation apply to this dtype?
-        image.read(((0, 1), (0, 1), (0, 1)), model.normalization)
-    except ValueError as err:
-        raise VolumeError(f"{image.where}: {err}") from None
+    normalization = _input_normalization(image, model.normalization)
     depth = image.shape[0]
     z_range = (0, depth) if z_range is None else (int(z_range[0]), int(z_range[1]))
     if not 0 <= z_range[0] < z_range[1] <= depth:
@@ -177,19 +206,21 @@ def predict_volume(
         threshold=None if threshold is None else float(threshold),
         device=device,  # resolved by the process that predicts (a GPU worker: its GPU)
         z_range=z_range,
-        normalization=tuple(sorted(model.normalization.items())),
+        normalization=_hashable(normalization),
     )
     arrays = {name: "uint8" for name in job.class_names}
     if instances:
         arrays |= {f"{name}_instances": "uint32" for name in job.class_names}
-    # What must match for a rerun to resume this output (z_range may differ: it picks blocks).
+    # What must match for a rerun to resume this output (z_range may differ: it picks blocks;
+    # batch_size and the executor change the order of work, not the values). The weights by
+    # content: a model retrained into the same path must not finish another model's output.
     fingerprint = {
-        "checkpoint": job.ckpt_path,
-        "checkpoint_bytes": Path(ckpt_path).stat().st_size,
+        "weights": weights_fingerprint(model.net),
         "input": job.input_path,
         "shape": list(image.shape),
         "chunks": list(image.chunks),
-        "normalization": model.normalization,
+        "normalization": normalization,
+        "precision": str(compute_dtype or torch.float32).removeprefix("torch."),
         "arrays": arrays,
         **{key: getattr(job, key) for key in _FINGERPRINT_KEYS},
         "planes": list(plane_names),
@@ -207,7 +238,7 @@ def predict_volume(
         "fingerprint": fingerprint,
     }
     group = open_output(output, arrays, image.shape, image.chunks, job.class_names, voxel_size,
-                        attrs, overwrite=overwrite)  # fmt: skip
+                        attrs, earlier, overwrite=overwrite)  # fmt: skip
     blocks, grid = make_blocks(image.shape, image.chunks, plane_names, block_size, tile, z_range)
     record = CompletionRecord(output)
     record.create(grid)

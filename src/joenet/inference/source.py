@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 
 from joenet.data.ome import MetadataError, read_multiscale, resolve_image
-from joenet.data.volume import VolumeError, normalize
+from joenet.data.volume import VolumeError, intensity_sample, normalize
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,10 @@ class InputImage:
     @property
     def chunks(self) -> tuple[int, int, int]:
         return tuple(self.array.chunks[self.leading :])  # type: ignore[return-value]
+
+    def sample(self) -> np.ndarray:
+        """Intensities of one plane of 32 chunks spread over the volume, in the input's dtype."""
+        return intensity_sample(self.array, self.where, self.leading)
 
     def read(self, window: tuple[tuple[int, int], ...], normalization: Mapping) -> np.ndarray:
         """[start, stop) per axis as float32 in [0, 1], reflected beyond the volume border."""

@@ -17,6 +17,7 @@ Dask workers can set theirs safely.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ import zarr
 
 NGFF_VERSION = "0.5"
 _RECORD_GROUP = ".joenet"
+_ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray", ".zattrs")
 
 
 def ngff_multiscales(names: Sequence[str], voxel_size_nm: Sequence[float] | None) -> list[dict]:
@@ -46,6 +48,114 @@ def ngff_multiscales(names: Sequence[str], voxel_size_nm: Sequence[float] | None
     ]
 
 
+class OutputError(ValueError):
+    """An output path that prediction refuses, to keep what is there; the message says why."""
+
+
+def _is_url(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def _zarr_root(path: Path) -> Path:
+    """The outermost zarr group or array holding ``path`` (``path`` itself when none does)."""
+    root = path
+    for parent in path.parents:
+        if not any((parent / name).is_file() for name in _ZARR_METADATA):
+            break
+        root = parent
+    return root
+
+
+def _earlier_prediction(path: str) -> dict[str, Any] | None:
+    """The ``joenet`` attributes of the prediction at ``path``; None if it is not one."""
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception:  # zarr raises several types for "not a group"
+        return None
+    meta = dict(group.attrs.get("joenet") or {})
+    return meta if "fingerprint" in meta else None
+
+
+def check_output(output: str | os.PathLike, input: str | os.PathLike) -> dict[str, Any] | None:
+    """Refuse an output that would write into, or delete, anything prediction did not make.
+
+    Allowed: a path that does not exist, an empty directory, or an earlier joenet prediction
+    (recognised by the fingerprint in its metadata), which is resumed or, with ``overwrite``,
+    replaced. Refused, with or without ``overwrite``: the input itself, a path inside the input's
+    zarr hierarchy or one that contains it, an existing file, and a directory holding anything
+    else (the user's files, another tool's zarr).
+
+    Returns:
+        The earlier prediction's ``joenet`` attributes, or None when the output is new.
+
+    Raises:
+        OutputError: the output is one of the refused cases.
+    """
+    if _is_url(output) or _is_url(input):
+        same = str(output).rstrip("/") == str(input).rstrip("/")
+        nested = any(f"{a}/".startswith(f"{b}/") for a, b in ((output, input), (input, output)))
+        if same or nested:
+            raise OutputError(f"output {output} overlaps the input {input}; choose an output "
+                              "outside the input")  # fmt: skip
+        if _is_url(output):
+            return _earlier_prediction(str(output))
+    out, source = Path(os.path.realpath(output)), Path(os.path.realpath(input))
+    hierarchy = _zarr_root(source)  # the whole group, when the input is an array inside it
+    if out == hierarchy or hierarchy in out.parents:
+        raise OutputError(
+            f"output {output} is the input {input} or lies inside its zarr hierarchy "
+            f"{hierarchy}; prediction never writes into its input: choose an output outside it"
+        )
+    if out in hierarchy.parents:
+        raise OutputError(
+            f"output {output} contains the input {input}; prediction never writes over its "
+            "input: choose an output outside it"
+        )
+    if not out.exists() and not out.is_symlink():
+        return None
+    if not out.is_dir():
+        raise OutputError(f"output {output} exists and is not a directory; choose a new path")
+    entries = sorted(entry.name for entry in out.iterdir())
+    if not entries:
+        return None  # an empty directory: nothing to lose
+    earlier = _earlier_prediction(str(out))
+    if earlier is None:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise OutputError(
+            f"output {output} exists and is not a joenet prediction (it holds {shown}); "
+            "prediction writes only to a new path or its own earlier output: choose a new path"
+        )
+    return earlier
+
+
+def _remove_prediction(path: str, earlier: Mapping[str, Any]) -> None:
+    """Delete an earlier prediction, refusing if it holds anything prediction did not write."""
+    if _is_url(path):  # an object store prefix: zarr clears the group it made
+        zarr.open_group(path, mode="w", zarr_format=3)
+        return
+    ours = {*_ZARR_METADATA, _RECORD_GROUP, *dict(earlier["fingerprint"]).get("arrays", {})}
+    foreign = sorted(entry.name for entry in Path(path).iterdir() if entry.name not in ours)
+    if foreign:
+        raise OutputError(
+            f"output {path} is an earlier joenet prediction but also holds {foreign}, which "
+            "prediction did not write; move them out, or choose a new path"
+        )
+    shutil.rmtree(path)
+
+
+def _describe_changes(previous: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    def short(value: Any) -> str:
+        text = "(none)" if value is None else str(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    keys = sorted(set(previous) | set(current))
+    return "; ".join(
+        f"{key}: {short(previous.get(key))} -> {short(current.get(key))}"
+        for key in keys
+        if previous.get(key) != current.get(key)
+    )
+
+
 def open_output(
     path: str | Path,
     arrays: Mapping[str, str],
@@ -54,60 +164,67 @@ def open_output(
     class_names: Sequence[str],
     voxel_size_nm: Sequence[float] | None,
     attrs: Mapping[str, Any],
+    earlier: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> zarr.Group:
     """Create the output group, or reopen it to resume when it was made with the same settings.
 
+    The group's metadata, joenet's fingerprint included, is written in one piece before any
+    array, so every group at ``path`` that holds arrays is recognisably joenet's.
+
     Args:
-        path: the output zarr group (a local or shared file system path).
+        path: the output zarr group (a local or shared file system path), already accepted by
+            :func:`check_output`.
         arrays: array name -> dtype (``uint8`` per class, ``uint32`` per instance array).
         shape: (z, y, x) of every array, the input's.
         chunks: (z, y, x) chunks of every array, the input's.
         class_names: classes that get an NGFF multiscale entry.
         voxel_size_nm: (z, y, x) voxel size, carried into the NGFF scale.
         attrs: joenet metadata; its ``fingerprint`` decides whether an existing output can resume.
-        overwrite: delete an existing output first.
+        earlier: what :func:`check_output` returned: the prediction already at ``path``.
+        overwrite: replace that earlier prediction instead of resuming it.
 
     Raises:
-        ValueError: the path holds an output made with other settings (and ``overwrite`` is off).
+        OutputError: the path holds a prediction made with other settings (and ``overwrite`` is
+            off), or one that holds files prediction did not write (with ``overwrite``).
     """
-    path = Path(path)
-    if overwrite and path.exists():
-        shutil.rmtree(path)
-    if (path / "zarr.json").is_file():
-        group = zarr.open_group(str(path), mode="r+")
-        previous = dict(group.attrs.get("joenet", {})).get("fingerprint")
+    path = str(path)
+    if earlier is not None and overwrite:
+        _remove_prediction(path, earlier)
+        earlier = None
+    if earlier is not None:
+        previous = dict(earlier.get("fingerprint") or {})
         if previous != attrs["fingerprint"]:
-            changed = sorted(
-                key
-                for key in set(previous or {}) | set(attrs["fingerprint"])
-                if (previous or {}).get(key) != attrs["fingerprint"].get(key)
+            changes = _describe_changes(previous, attrs["fingerprint"])
+            raise OutputError(
+                f"{path} holds a prediction made with other settings ({changes}); "
+                "choose another output, or add overwrite=true to discard that prediction and "
+                "start over"
             )
-            raise ValueError(
-                f"{path} holds a prediction made with other settings (differing: {changed}); "
-                "pass overwrite=true to replace it, or choose another output"
-            )
-        return group
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    for name, dtype in arrays.items():
-        group.create_array(
-            name,
-            shape=tuple(shape),
-            chunks=tuple(chunks),
-            dtype=dtype,
-            fill_value=0,
-            dimension_names=("z", "y", "x"),
-            attributes={"joenet": {"checkpoint": attrs["checkpoint"], "array": name}},
-        )
-    group.attrs.update(
-        {
-            "ome": {
-                "version": NGFF_VERSION,
-                "multiscales": ngff_multiscales(class_names, voxel_size_nm),
+        group = zarr.open_group(path, mode="r+")
+    else:
+        group = zarr.create_group(
+            path,
+            zarr_format=3,
+            attributes={
+                "ome": {
+                    "version": NGFF_VERSION,
+                    "multiscales": ngff_multiscales(class_names, voxel_size_nm),
+                },
+                "joenet": dict(attrs),
             },
-            "joenet": dict(attrs),
-        }
-    )
+        )
+    for name, dtype in arrays.items():
+        if name not in group:  # all of them, unless a kill came between group and arrays
+            group.create_array(
+                name,
+                shape=tuple(shape),
+                chunks=tuple(chunks),
+                dtype=dtype,
+                fill_value=0,
+                dimension_names=("z", "y", "x"),
+                attributes={"joenet": {"checkpoint": attrs["checkpoint"], "array": name}},
+            )
     return group
 
 
