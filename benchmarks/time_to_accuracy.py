@@ -1,56 +1,51 @@
-"""Time to accuracy on Lucchi: joenet's U-Net against MONAI's BasicUNet, same patches, same budget.
+"""Time to accuracy on Lucchi: joenet's default against MONAI's BasicUNet and torch-em's UNet2d.
 
-Run: ``python benchmarks/time_to_accuracy.py [--minutes 15] [--patch-size 128] [--batch-size 4]``
-(needs ``../shared/data/lucchi_train.zarr`` or ``--data``; skips with a reason when it is absent).
+Run: ``python benchmarks/time_to_accuracy.py [--minutes 20] [--eval-every 60] [--out F]``
+(needs ``../shared/data/lucchi_train.zarr`` or ``--data``; skips with a reason when it is absent;
+torch-em: ``pip install --no-deps torch-em``, see ``train_step_bench.py``).
 
-Both networks are trained one after the other in this process by the same loop: the same stream
-of windows from z [0, 132) (joenet's ``EMDataModule``: a third centred on a mitochondrion, the
-same seed), the same on-the-batch augmentation, loss (joenet's BCE + Dice, nuclei masked out as
-Lucchi has no nuclei labels), AdamW (lr 1e-3, weight decay 1e-4) with a cosine decay over the
-*wall-time* budget, fp32. Only training time counts against the budget: every ``--eval-every``
-seconds the clock stops and mito IoU (threshold 0.5, from global counts) is measured on every
-8th validation slice of z [132, 165) (5 slices), whole 768 x 1024 slices. At the end both are
-measured on all 33 validation slices. Written: a CSV of the curves and a PNG plot (``--out``), and a
-Markdown table on stdout with the time each first reaches ``--target`` IoU.
+All models train through joenet's real training path, the one ``python -m joenet.train
+data=lucchi trainer.max_time=00:00:20:00`` takes on this machine: the composed default config
+(its data, trainer and callbacks: the same stream of windows from z [0, 132) and the same
+augmentations for every model), a Lightning ``Trainer`` with that time budget, ``EMDataModule``
+and ``SegmentationLitModule``. joenet runs its default recipe as a user gets it. The peers are
+put into the same module in place of joenet's network and train with a plain recipe, what a
+MONAI or torch-em user would write: AdamW lr 1e-3, weight decay 1e-4 on all parameters, cosine
+over the budget, no warm-up, no EMA (BasicUNet with MONAI's defaults, features 32-32-64-128-256;
+torch-em's UNet2d with depth 3 and 32 initial features, joenet's 32-64-128-256 widths).
+
+Only training time counts: every ``--eval-every`` seconds of training, the clock (Lightning's
+``Timer``, which also drives the cosine schedule and ends the budget) stops while mito IoU
+(threshold 0.5, global counts) is measured on every 8th validation slice of z [132, 165) (5
+whole 768 x 1024 slices) with the weights validation would use (the EMA's when on). At the end
+each model is measured on all 33 validation slices. Written by this one run: ``<out>.csv`` (the
+curves, after each model), ``<out>.png`` and ``<out>.md`` (the table, also on stdout).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
-import math
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 import zarr
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.trainer.states import RunningStage
 from torch import nn
-
-from joenet.data.datamodule import EMDataModule
-from joenet.losses import BCEDiceLoss
-from joenet.model import UNet2d
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lucchi_train.zarr"
 TRAIN_Z, VAL_Z = (0, 132), (132, 165)
-
-
-def models(joenet_net: dict, names: list[str]) -> dict[str, Callable[[], nn.Module]]:
-    """The networks to train, by name; ``joenet_net``: keyword arguments of joenet's UNet2d."""
-    from monai.networks.nets import BasicUNet
-
-    label = "joenet UNet2d" + (f" {json.dumps(joenet_net)}" if joenet_net else "")
-    table = {
-        "joenet": (label, lambda: UNet2d(**joenet_net)),
-        "monai": ("MONAI BasicUNet", lambda: BasicUNet(
-            spatial_dims=2, in_channels=1, out_channels=2, features=(32, 32, 64, 128, 256, 32)
-        )),
-    }  # fmt: skip
-    return dict(table[name] for name in names)
+PLAIN_RECIPE = ["model.lr=1e-3", "model.weight_decay=1e-4", "model.decay_norm_and_bias=true",
+                "model.warmup=0.0", "model.scheduler=cosine"]  # and no EMA callback  # fmt: skip
 
 
 def load_validation(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,54 +59,117 @@ def load_validation(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.inference_mode()
 def mito_iou(net: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float:
     """IoU of channel 1 (mito) at probability 0.5 over all the given slices."""
+    was_training = net.training
     net.eval()
     intersection = union = 0
     for image, mask in zip(images, masks, strict=True):
         predicted = net(image[None])[0, 1] > 0  # logit > 0 <=> probability > 0.5
         intersection += int((predicted & mask).sum())
         union += int((predicted | mask).sum())
-    net.train()
+    net.train(was_training)
     return intersection / max(union, 1)
 
 
-def train_for(
-    name: str,
-    net: nn.Module,
-    data: EMDataModule,
-    seconds: float,
-    eval_every: float,
-    val: tuple[torch.Tensor, torch.Tensor],
-    lr: float,
-) -> list[dict]:
-    """Train ``net`` for ``seconds`` of wall time (evaluation excluded); return the curve."""
-    criterion = BCEDiceLoss()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    quick = (val[0][::8], val[1][::8])
-    curve = [{"model": name, "train_s": 0.0, "patches": 0, "val_iou": mito_iou(net, *quick)}]
-    elapsed, patches, next_eval = 0.0, 0, eval_every
-    net.train()
-    loader = iter(data.train_dataloader())
-    start = time.perf_counter()
-    while elapsed < seconds:
-        batch = next(loader)
-        batch = data.augment.apply(batch, batch.pop("augment_params"))
-        for group in optimizer.param_groups:  # cosine over the wall-time budget
-            group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * min(elapsed / seconds, 1.0)))
-        optimizer.zero_grad(set_to_none=True)
-        logits = net(batch["image"])
-        loss = criterion(logits, batch["target"], batch["labelled"], batch["valid"])
-        loss.backward()
-        optimizer.step()
-        patches += batch["image"].shape[0]
-        elapsed = time.perf_counter() - start
-        if elapsed >= next_eval or elapsed >= seconds:
-            iou = mito_iou(net, *quick)
-            curve.append({"model": name, "train_s": elapsed, "patches": patches, "val_iou": iou})
-            print(f"{name}: {elapsed / 60:5.1f} min, {patches} patches, loss {loss.item():.3f}, "
-                  f"val mito IoU {iou:.3f}", flush=True)  # fmt: skip
-            next_eval += eval_every
-            start = time.perf_counter() - elapsed  # the clock does not run while evaluating
-    return curve
+def peers() -> dict[str, Callable[[], nn.Module]]:
+    """The peer networks that are installed, by name."""
+    table: dict[str, Callable[[], nn.Module]] = {}
+    try:
+        from monai.networks.nets import BasicUNet
+
+        table["MONAI BasicUNet"] = lambda: BasicUNet(
+            spatial_dims=2, in_channels=1, out_channels=2, features=(32, 32, 64, 128, 256, 32)
+        )
+    except ImportError as err:
+        print(f"MONAI skipped ({err}); pip install monai")
+    try:
+        from train_step_bench import torch_em_unet2d
+
+        torch_em = torch_em_unet2d()
+        table["torch-em UNet2d"] = lambda: torch_em(
+            in_channels=1, out_channels=2, depth=3, initial_features=32
+        )
+    except Exception as err:  # not installed, or its module failing to import
+        print(f"torch-em skipped ({type(err).__name__}: {str(err)[:80]}); "
+              "pip install --no-deps torch-em")  # fmt: skip
+    return table
+
+
+class EvaluateWithClockStopped(L.Callback):
+    """Every ``every`` seconds of training, measure mito IoU with the ``Timer`` paused."""
+
+    def __init__(self, name: str, every: float, val: tuple[torch.Tensor, torch.Tensor]):
+        self.name, self.every, self.val = name, every, val
+        self.curve: list[dict[str, Any]] = []
+        self.patches = 0
+        self.next_eval = every
+
+    def _timer(self, trainer: L.Trainer) -> Timer:
+        return next(c for c in trainer.callbacks if isinstance(c, Timer))
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        timer = self._timer(trainer)
+        elapsed, paused = timer.time_elapsed(), time.monotonic()
+        ema = next((c for c in trainer.callbacks if hasattr(c, "_average_model")), None)
+        net = ema._average_model.module.net if ema and ema._average_model else pl_module.net
+        iou = mito_iou(net, *self.val)
+        self.curve.append({"model": self.name, "train_s": round(elapsed, 1),
+                           "patches": self.patches, "val_iou": round(iou, 4)})  # fmt: skip
+        print(f"{self.name}: {elapsed / 60:5.1f} min, {self.patches} patches, "
+              f"val mito IoU {iou:.3f}", flush=True)  # fmt: skip
+        # The clock does not run while evaluating: move the Timer's start by the pause.
+        timer._start_time[RunningStage.TRAINING] += time.monotonic() - paused
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.curve:  # the untrained network; the Timer has started by now
+            self._evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.patches += batch["image"].shape[0]
+        timer = self._timer(trainer)
+        if timer.time_elapsed() >= self.next_eval or timer.time_elapsed() >= timer._duration:
+            self._evaluate(trainer, pl_module)
+            self.next_eval += self.every
+
+
+def train_one(
+    name: str, overrides: list[str], make_net: Callable[[], nn.Module] | None, args: Any,
+    quick: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[list[dict[str, Any]], nn.Module]:  # fmt: skip
+    """Train through joenet's path for the budget; the curve and the final network.
+
+    ``make_net``: a peer network to train in joenet's place, with the plain recipe.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+    from recipe_ablation import compose
+
+    from joenet.config import config_dir
+    from joenet.train import _instantiate_all
+
+    with tempfile.TemporaryDirectory() as tmp:
+        budget = f"00:00:{int(args.minutes):02d}:{round(60 * (args.minutes % 1)):02d}"
+        cfg = compose([
+            "data=lucchi", f"paths.data_dir={args.data.parent}", f"paths.output_dir={tmp}",
+            f"trainer.max_time={budget}", "trainer.max_epochs=-1", "data.num_workers=0",
+            "+trainer.limit_val_batches=0", "+trainer.num_sanity_val_steps=0",
+            "+trainer.enable_checkpointing=false", "+trainer.enable_progress_bar=false",
+            "+trainer.enable_model_summary=false", "~logger", "~callbacks.validation_images",
+            "~callbacks.model_checkpoint", "~callbacks.last_checkpoint",
+            "~callbacks.early_stopping", "~callbacks.lr_monitor", *overrides,
+        ], config_dir())  # fmt: skip
+        if make_net is not None:
+            with open_dict(cfg):
+                cfg.callbacks.pop("ema", None)
+        L.seed_everything(cfg.seed, workers=True)
+        data = instantiate(cfg.data)
+        module = instantiate(cfg.model)
+        if make_net is not None:
+            module.net = make_net()
+        clock = EvaluateWithClockStopped(name, args.eval_every, quick)
+        callbacks = [*_instantiate_all(cfg.get("callbacks")), clock]
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+        trainer.fit(module, datamodule=data)
+    return clock.curve, module.net  # EMA: copied into the module when training ended
 
 
 def first_reaching(curve: list[dict], target: float) -> float | None:
@@ -124,12 +182,13 @@ def plot(curves: dict[str, list[dict]], target: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, curve in curves.items():
-        ax.plot([r["train_s"] / 60 for r in curve], [r["val_iou"] for r in curve], "o-", label=name)
+        ax.plot([r["train_s"] / 60 for r in curve], [r["val_iou"] for r in curve], "o-",
+                markersize=3, label=name)  # fmt: skip
     ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"IoU {target}")
     ax.set(xlabel="training wall time (min)", ylabel="val mito IoU (every 8th slice)",
-           title="Lucchi, same patches and budget", ylim=(0, 1))  # fmt: skip
+           title="Lucchi, same patches, same budget, 2-core CPU", ylim=(0, 1))  # fmt: skip
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -138,55 +197,62 @@ def plot(curves: dict[str, list[dict]], target: float, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--minutes", type=float, default=15.0)
-    parser.add_argument("--eval-every", type=float, default=150.0, help="seconds of training")
-    parser.add_argument("--patch-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--eval-every", type=float, default=60.0, help="seconds of training")
     parser.add_argument("--target", type=float, default=0.80)
     parser.add_argument("--out", type=Path, default=Path("time_to_accuracy"))
-    parser.add_argument("--models", nargs="+", default=["joenet", "monai"],
-                        choices=["joenet", "monai"])  # fmt: skip
-    parser.add_argument("--skip-final", action="store_true", help="no all-slice evaluation")
-    example = '{"norm": "group"}'
-    parser.add_argument("--joenet-net", type=json.loads, default={},
-                        help=f"UNet2d keyword arguments as JSON, e.g. '{example}'")  # fmt: skip
+    parser.add_argument("--models", nargs="+", default=["joenet", "MONAI BasicUNet",
+                        "torch-em UNet2d"])  # fmt: skip
+    parser.add_argument("--joenet", nargs="*", default=[],
+                        help="extra Hydra overrides of joenet's run (a variant)")  # fmt: skip
     args = parser.parse_args()
     if not (args.data / "raw").exists():
         print(f"skipped: {args.data} not found (the Lucchi volume of ../shared/data; see --data)")
         sys.exit(0)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from joenet.config import register_resolvers
+
+    register_resolvers()
     torch.set_flush_denormal(True)
     val = load_validation(args.data)
+    quick = (val[0][::8], val[1][::8])
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.minutes} min each, {args.patch_size} px, "
-          f"batch {args.batch_size}, lr {args.lr}")  # fmt: skip
+          f"{torch.get_num_threads()} threads; {args.minutes:g} min each")  # fmt: skip
+    runs: dict[str, tuple[list[str], Callable[[], nn.Module] | None]] = {
+        "joenet": (args.joenet, None),
+        **{name: (PLAIN_RECIPE, make) for name, make in peers().items()},
+    }
     curves, final = {}, {}
-    for name, make in models(args.joenet_net, args.models).items():
-        torch.manual_seed(0)
-        data = EMDataModule(
-            path=str(args.data), train_z=TRAIN_Z, val_z=VAL_Z, patch_size=args.patch_size,
-            batch_size=args.batch_size, patches_per_epoch=10**7, num_workers=0, seed=0,
-            foreground_fraction=0.33,
-        )  # fmt: skip
-        data.setup("fit")
-        net = make()
-        curves[name] = train_for(name, net, data, 60 * args.minutes, args.eval_every, val, args.lr)
-        final[name] = mito_iou(net, *val) if not args.skip_final else float("nan")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["model", "train_s", "patches", "val_iou"])
-        writer.writeheader()
-        for curve in curves.values():
-            writer.writerows(curve)
+    for name in args.models:
+        if name not in runs:
+            continue
+        overrides, make = runs[name]
+        curves[name], net = train_one(name, overrides, make, args, quick)
+        final[name] = mito_iou(net, *val)
+        print(f"{name}: final IoU on all 33 validation slices {final[name]:.3f}", flush=True)
+        with open(args.out.with_suffix(".csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["model", "train_s", "patches", "val_iou"])
+            writer.writeheader()
+            for curve in curves.values():
+                writer.writerows(curve)
     plot(curves, args.target, args.out.with_suffix(".png"))
-    print(f"\n| model | patches in {args.minutes:g} min | best IoU (every 8th slice) "
-          f"| final IoU (all 33 slices) | time to IoU {args.target} |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|")
+    lines = [
+        f"| model | patches in {args.minutes:g} min | time to IoU {args.target} | best IoU "
+        "(every 8th slice) | largest drop after 0.70 | final IoU (all 33 slices) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, curve in curves.items():
         reached = first_reaching(curve, args.target)
         when = f"{reached / 60:.1f} min" if reached is not None else "not reached"
-        print(f"| {name} | {curve[-1]['patches']} | {max(r['val_iou'] for r in curve):.3f} "
-              f"| {final[name]:.3f} | {when} |")  # fmt: skip
+        values = [r["val_iou"] for r in curve]
+        start = next((i for i, v in enumerate(values) if v >= 0.70), len(values))
+        drops = [a - b for a, b in zip(values[start:], values[start + 1 :], strict=False)]
+        lines.append(f"| {name} | {curve[-1]['patches']} | {when} | {max(values):.3f} "
+                     f"| {max([0.0, *drops]):.3f} | {final[name]:.3f} |")  # fmt: skip
+    table = "\n".join(lines)
+    print("\n" + table)
+    args.out.with_suffix(".md").write_text(table + "\n")
     print(f"curves: {args.out.with_suffix('.csv')}, plot: {args.out.with_suffix('.png')}")
 
 

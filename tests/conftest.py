@@ -42,6 +42,7 @@ def tiny_overrides(data_dir: Path, output_dir: Path) -> list[str]:
         "data.num_workers=0",
         "model.net.channels=[4,8,16,32]",
         "trainer=cpu",
+        "trainer.accumulate_grad_batches=1",
         "trainer.max_epochs=2",
         "trainer.log_every_n_steps=1",
         "+trainer.enable_progress_bar=false",

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from typing import Any
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging, Timer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
@@ -49,3 +54,64 @@ def _panel(image: Tensor, target: Tensor, probs: Tensor, gap: int = 2) -> Tensor
         rows.append(torch.cat([img, spacer, tgt, spacer, prb], dim=1))
         rows.append(torch.ones(gap, rows[-1].shape[1]))
     return torch.cat(rows[:-1], dim=0).clamp(0, 1)[None]
+
+
+class ValidateAtTimeBudget(L.Callback):
+    """When ``trainer.max_time`` runs out, validate and checkpoint before stopping, mid-epoch too.
+
+    Lightning's ``Timer`` stops a run at the end of a step; the epoch's validation (and so
+    ``best.ckpt`` and ``last.ckpt``) then runs only if the epoch is a validation epoch, so a
+    budget that ends inside epoch 4 of ``check_val_every_n_epoch=3``, or inside the first epoch,
+    lost everything since the last validation. This makes the stopping step a validation step.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or timer._duration is None:
+            return
+        if trainer.strategy.broadcast(timer.time_elapsed() >= timer._duration):
+            trainer.should_stop = True
+            # Lightning validates on a mid-epoch stop, but only in a validation epoch.
+            trainer.check_val_every_n_epoch = 1
+
+
+def warm_ema(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """EMA update whose decay grows as ``(1 + n) / (10 + n)`` up to ``decay`` (n: updates so far).
+
+    A fixed decay of 0.995 would keep ~99 % of the random initial weights after 1 step and ~60 %
+    after 100: the average would lag the first minutes of a short CPU run. The warm-up (as in
+    timm's ModelEmaV2 and YOLO's ModelEMA) lets it follow early on and smooth later.
+    """
+
+    def update(
+        averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor
+    ) -> torch.Tensor:
+        rate = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
+        return averaged + (current - averaged) * (1 - rate).to(averaged.dtype)
+
+    return update
+
+
+class EMA(EMAWeightAveraging):
+    """Exponential moving average of the weights (Lightning's ``EMAWeightAveraging``).
+
+    Validation, ``best.ckpt``/``last.ckpt`` (their ``state_dict``) and so prediction use the
+    averaged weights; a checkpoint also keeps the raw ones (``current_model_state``) and the
+    average's state, so a resumed run continues both exactly. BatchNorm statistics are averaged
+    with the weights (``use_buffers``).
+
+    Args:
+        decay: the EMA decay after its warm-up (see :func:`warm_ema`).
+    """
+
+    def __init__(self, decay: float = 0.995) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"callbacks.ema.decay must be in (0, 1), got {decay}")
+        super().__init__(decay=decay)
+        self._kwargs["avg_fn"] = warm_ema(decay)  # replaces the fixed-decay update
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        with warnings.catch_warnings():
+            # joenet's configure_model only sets the memory format and compiles: no sharding.
+            warnings.filterwarnings("ignore", message=".*overrides the configure_model.*")
+            super().setup(trainer, pl_module, stage)

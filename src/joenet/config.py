@@ -60,6 +60,16 @@ def default_precision() -> str:
     return "32-true"
 
 
+def has_gpu() -> bool:
+    """A CUDA or Apple MPS device is there: the machine trains large batches, not micro-batches."""
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def gpu_or_cpu(on_gpu: Any, on_cpu: Any) -> Any:
+    """``on_gpu`` on a machine with a GPU, else ``on_cpu``: ``${joenet.gpu_or_cpu:16,2}``."""
+    return on_gpu if has_gpu() else on_cpu
+
+
 def first_not_null(*values: object) -> object:
     """The first value that is not None (``oc.select`` returns a null instead of its default)."""
     return next((value for value in values if value is not None), None)
@@ -82,6 +92,7 @@ def register_resolvers() -> None:
         "joenet.precision": default_precision,
         "joenet.has_cuda": torch.cuda.is_available,
         "joenet.first_not_null": first_not_null,
+        "joenet.gpu_or_cpu": gpu_or_cpu,
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -28,8 +30,13 @@ class SegmentationLitModule(L.LightningModule):
         net: keyword arguments of ``UNet2d`` (channels, down, up, activation, ...).
         lr: AdamW learning rate.
         weight_decay: AdamW decoupled weight decay.
-        scheduler: ``cosine`` (per step, to 0 at the end of training) or ``plateau``
+        decay_norm_and_bias: apply ``weight_decay`` to norm weights and biases too, as the
+            seed's plain AdamW does; False decays only conv weights (the common practice: decay
+            pulls a norm's scale towards 0, which a following conv cannot undo).
+        scheduler: ``cosine`` (per step, to 0 at the end of training: of ``max_steps`` /
+            ``max_epochs``, or of ``trainer.max_time``, whichever comes first) or ``plateau``
             (ReduceLROnPlateau on ``plateau_monitor`` at each validation).
+        warmup: share of the cosine schedule spent ramping the learning rate up linearly from 0.
         plateau_factor: learning-rate factor of ``plateau``.
         plateau_patience: validations without improvement before ``plateau`` lowers the rate.
         plateau_monitor: logged metric that ``plateau`` watches (lower is better).
@@ -53,7 +60,9 @@ class SegmentationLitModule(L.LightningModule):
         net: Mapping[str, Any] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
+        decay_norm_and_bias: bool = True,
         scheduler: Literal["cosine", "plateau"] = "cosine",
+        warmup: float = 0.0,
         plateau_factor: float = 0.5,
         plateau_patience: int = 5,
         plateau_monitor: str = "val/loss",
@@ -72,6 +81,8 @@ class SegmentationLitModule(L.LightningModule):
             )
         if scheduler not in ("cosine", "plateau"):
             raise ValueError(f"model.scheduler must be 'cosine' or 'plateau', got {scheduler!r}")
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"model.warmup must be a share of the schedule, in [0, 1): {warmup}")
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(
                 f"model.nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}"
@@ -167,7 +178,10 @@ class SegmentationLitModule(L.LightningModule):
         metrics.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = _adamw(self.parameters(), self.hparams.lr, self.hparams.weight_decay)
+        optimizer = _adamw(
+            _param_groups(self, self.hparams.weight_decay, self.hparams.decay_norm_and_bias),
+            self.hparams.lr,
+        )
         if self.hparams.scheduler == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, factor=self.hparams.plateau_factor,
@@ -175,19 +189,74 @@ class SegmentationLitModule(L.LightningModule):
             )  # fmt: skip
             config = {"interval": "epoch", "monitor": self.hparams.plateau_monitor}
         else:
-            total_steps = self.trainer.estimated_stepping_batches
-            if total_steps == float("inf"):
-                raise ValueError(
-                    "model.scheduler=cosine needs a finite trainer.max_epochs or max_steps "
-                    "(it decays to 0 at the end); set one, or use model.scheduler=plateau"
-                )
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(total_steps))
+            scheduler = WarmupCosine(optimizer, self._schedule_progress(), self.hparams.warmup)
             config = {"interval": "step"}
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "name": "train/lr", **config}}  # fmt: skip
 
+    def _schedule_progress(self) -> Callable[[int], float]:
+        """Where training stands in [0, 1] after ``step`` optimizer steps: by steps or by time.
 
-def _adamw(params: Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
+        With ``trainer.max_time`` the schedule also follows the clock (Lightning's ``Timer``),
+        so a time budget ends at the learning-rate floor however fast the machine is.
+        """
+        total_steps = self.trainer.estimated_stepping_batches
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        budget = timer._duration if timer is not None else None
+        if total_steps == float("inf") and not budget:
+            raise ValueError(
+                "model.scheduler=cosine needs a finite trainer.max_epochs or max_steps, or a "
+                "trainer.max_time budget (it decays to 0 at the end); set one, or use "
+                "model.scheduler=plateau"
+            )
+
+        def progress(step: int) -> float:
+            by_steps = step / total_steps if total_steps != float("inf") else 0.0
+            by_time = timer.time_elapsed("train") / budget if budget else 0.0  # type: ignore[union-attr]
+            return max(by_steps, by_time)
+
+        return progress
+
+
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warm-up over the first ``warmup`` share, then cosine to 0, of a progress in [0, 1].
+
+    ``progress(step)`` says how far training is (steps or time); only the step count is saved
+    in checkpoints, so a run resumes on the same curve.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, progress: Callable[[int], float], warmup: float
+    ) -> None:
+        self._progress = progress
+        self.warmup = warmup
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        done = min(max(self._progress(self.last_epoch), 0.0), 1.0)
+        factor = 0.5 * (1.0 + math.cos(math.pi * done))
+        if done < self.warmup:
+            factor *= done / self.warmup
+        return [base * factor for base in self.base_lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state_dict().items() if k != "_progress"}
+
+
+def _param_groups(
+    module: torch.nn.Module, weight_decay: float, decay_norm_and_bias: bool
+) -> list[dict[str, Any]]:
+    """Parameters with and without weight decay (norm weights and biases: 1-D tensors)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if decay_norm_and_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
+def _adamw(params: Any, lr: float) -> torch.optim.AdamW:
     """AdamW with its fused kernel (one kernel for all parameters) where the device has one.
 
     Fused saves kernel launches on GPUs; on a CPU the optimizer step is under 1 % of a training
@@ -195,6 +264,6 @@ def _adamw(params: Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """
     params = list(params)
     try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=lr, fused=True)
     except RuntimeError:  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr)

@@ -169,6 +169,10 @@ class UNet2d(nn.Module):
         down: ``"strided"`` (2x2 stride-2 conv) or ``"maxpool"``.
         up: ``"transposed"`` (2x2 stride-2 transposed conv) or ``"bilinear"`` (+ 3x3 conv).
         dropout: Channel dropout probability after the bottleneck; 0 disables it.
+        zero_init_residual: zero the last conv of every residual branch, so each block starts
+            as its shortcut (Goyal et al. 2017, "Accurate, Large Minibatch SGD"): the signal
+            passes the untrained network unchanged and early gradients are not scrambled by
+            random branches. False is the seed's default initialisation.
     """
 
     def __init__(
@@ -185,6 +189,7 @@ class UNet2d(nn.Module):
         down: DownKind = "strided",
         up: UpKind = "transposed",
         dropout: float = 0.0,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)  # also accepts an OmegaConf ListConfig
@@ -264,6 +269,10 @@ class UNet2d(nn.Module):
             make_activation(activation),
             nn.Conv2d(channels[0], out_channels, 1),
         )
+        if zero_init_residual:
+            for block in self.modules():
+                if isinstance(block, PreActResBlock | ConvNeXtBlock):
+                    nn.init.zeros_(block.residual[-1].weight)
 
     @property
     def divisor(self) -> int:
