@@ -48,7 +48,7 @@ format: $(DEV_STAMP) ## Format and autofix with ruff
 
 # torch-em without its dependencies: they pull torchvision, which does not install beside the
 # CPU torch; its UNet2d needs only torch (benchmarks/train_step_bench.py).
-bench: $(DEV_STAMP) ## Run the benchmarks against their peers (~1 h on 2 CPU cores; not in the tests)
+bench: $(DEV_STAMP) ## Run the benchmarks against their peers (~2.5 h on 2 CPU cores; not in the tests)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m pip install --quiet --no-deps torch-em
 	$(PY) benchmarks/model_figures.py
@@ -57,6 +57,7 @@ bench: $(DEV_STAMP) ## Run the benchmarks against their peers (~1 h on 2 CPU cor
 	$(PY) benchmarks/pipeline_bench.py
 	$(PY) benchmarks/data_bench.py
 	$(PY) benchmarks/predict_bench.py
+	$(PY) benchmarks/recipe_ablation.py --out recipe_ablation
 	$(PY) benchmarks/time_to_accuracy.py --out time_to_accuracy
 
 clean: ## Remove the venv, caches and build outputs (keeps logs/ and data/)

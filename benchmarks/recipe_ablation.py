@@ -46,6 +46,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                       [*STEM, "model.decay_norm_and_bias=false"]),
     "warmup": ("+ 5 % linear warm-up", [*STEM, "model.warmup=0.05"]),
     "lr2e-3": ("+ lr 2e-3 with 5 % warm-up", [*STEM, "model.lr=2e-3", "model.warmup=0.05"]),
+    "lr3e-3": ("+ lr 3e-3 with 5 % warm-up", [*STEM, "model.lr=3e-3", "model.warmup=0.05"]),
     "ema": ("+ weight EMA (decay 0.995, warmed up)", [*STEM, *EMA]),
     "micro2": ("+ micro-batches of 2 accumulated to 4 (BN sees 2 patches)", [*STEM, *MICRO]),
     "micro2_group": ("+ micro-batches of 2 with GroupNorm",
@@ -103,6 +104,35 @@ def run_row(overrides: list[str], conf: Path) -> tuple[torch.nn.Module, float]:
     return model.net, time.perf_counter() - start  # EMA: copied into the model at train end
 
 
+def flops_by_part(size: int = 128) -> str:
+    """Forward GFLOPs of one ``size`` px patch per part of joenet's UNet2d and of BasicUNet."""
+    from monai.networks.nets import BasicUNet
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from joenet.model import UNet2d
+
+    nets = {
+        "joenet 32-64-128-256": UNet2d(),
+        "joenet 32-32-64-128-256": UNet2d(channels=(32, 32, 64, 128, 256)),
+        "MONAI BasicUNet": BasicUNet(spatial_dims=2, in_channels=1, out_channels=2,
+                                     features=(32, 32, 64, 128, 256, 32)),
+    }  # fmt: skip
+    lines = [f"\nForward GFLOPs per {size} px patch, by part (finest level first)\n",
+             "| network | total | parts |", "|---|---:|---|"]  # fmt: skip
+    for name, net in nets.items():
+        with FlopCounterMode(display=False, depth=3) as counter:
+            net(torch.rand(1, 1, size, size))
+        parts = {}
+        for module, ops in counter.get_flop_counts().items():
+            path = module.split(".")[1:]
+            depth = 2 if path and path[0] in ("encoder", "decoder", "downs", "ups") else 1
+            if len(path) == depth:
+                parts[".".join(path)] = sum(ops.values()) / 1e9
+        shown = ", ".join(f"{part} {value:.2f}" for part, value in parts.items() if value >= 0.01)
+        lines.append(f"| {name} | {counter.get_total_flops() / 1e9:.2f} | {shown} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -111,7 +141,11 @@ def main() -> None:
     parser.add_argument("--recipe", nargs="*", default=[],
                         help="overrides of the 'recipe' row (the changes that helped)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("recipe_ablation"))
+    parser.add_argument("--flops", action="store_true", help="only the FLOPs table")
     args = parser.parse_args()
+    if args.flops:
+        print(flops_by_part())
+        return
     if not (args.data / "raw").exists():
         print(f"skipped: {args.data} not found (the Lucchi volume of ../shared/data; see --data)")
         sys.exit(0)

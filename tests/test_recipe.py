@@ -105,7 +105,7 @@ def test_time_budget_alone_ends_the_schedule_and_checkpoints_mid_epoch(
     metrics = train(cfg)
     assert "val/dice" in metrics  # the final validation ran
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["epoch"] == 0 and last["global_step"] > 2
+    assert last["epoch"] == 0 and last["global_step"] > 0
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     scheduler = last["lr_schedulers"][0]
     assert scheduler["_last_lr"][0] < 0.1 * cfg.model.lr  # at the floor, not mid-way
@@ -115,8 +115,7 @@ def test_ema_weights_are_what_validation_checkpoints_and_prediction_use(
     data_dir: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    cfg = compose_train([*tiny_overrides(data_dir, run_dir), *QUIET,
-                         "+callbacks.ema._target_=joenet.callbacks.EMA"])  # fmt: skip
+    cfg = compose_train([*tiny_overrides(data_dir, run_dir), *QUIET])  # EMA is on by default
     train(cfg)
     best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
     averaged, raw = best["state_dict"], best["current_model_state"]
@@ -127,20 +126,22 @@ def test_ema_weights_are_what_validation_checkpoints_and_prediction_use(
         assert torch.equal(value, averaged[f"net.{name}"]), name
 
 
-def test_default_recipe_learns(data_dir: Path, tmp_path: Path) -> None:
-    """A few dozen steps of the default recipe on the synthetic volume; a broken loss, a
-    detached gradient or a frozen optimizer stays at the untrained network's Dice."""
+def test_default_recipe_learns(tmp_path: Path) -> None:
+    """48 optimizer steps of the default recipe (its CPU patch size and batch) on a synthetic
+    volume; a broken loss, a detached gradient or a frozen optimizer stays at the untrained
+    network's Dice."""
     overrides = [
-        f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path / 'run'}", *QUIET,
-        "data.synthetic.shape=[12,96,96]", "data.train_z=[0,8]", "data.val_z=[8,12]",
-        "data.patch_size=64", "data.patches_per_epoch=48", "data.num_workers=0",
-        "trainer.max_epochs=3", "+trainer.enable_progress_bar=false",
+        f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'run'}", *QUIET,
+        "data.synthetic.shape=[16,256,256]", "data.train_z=[0,12]", "data.val_z=[12,16]",
+        "data.patches_per_epoch=64", "data.num_workers=0", "trainer=cpu", "trainer.max_epochs=3",
+        "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
     ]  # fmt: skip
     cfg = compose_train(overrides)
+    assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 4  # 16 steps an epoch
     L.seed_everything(cfg.seed)
     before = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                        enable_model_summary=False).validate(
         instantiate(cfg.model), datamodule=instantiate(cfg.data), verbose=False
     )[0]["val/dice"]  # fmt: skip
     after = train(cfg)["val/dice"]
-    assert after > max(0.6, before + 0.25), (before, after)
+    assert after > max(0.5, before + 0.25), (before, after)

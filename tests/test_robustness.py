@@ -126,8 +126,11 @@ def test_resume_after_kill_matches_an_uninterrupted_run(data_dir: Path, tmp_path
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["global_step"] == straight["global_step"] == 6
-    for key, value in straight["state_dict"].items():
+    for key, value in straight["state_dict"].items():  # the EMA's weights, when on
         assert torch.equal(value, final["state_dict"][key]), key
+    assert ("current_model_state" in straight) == ("current_model_state" in final)
+    for key, value in straight.get("current_model_state", {}).items():  # the raw weights
+        assert torch.equal(value, final["current_model_state"][key]), key
 
 
 class _RunsCode:

@@ -16,7 +16,7 @@ from joenet.lit_module import SegmentationLitModule
 from joenet.train import train
 from tests.conftest import compose_train, tiny_overrides
 
-EXPERIMENTS = ["strided_down", "maxpool_down", "bilinear_up"]
+EXPERIMENTS = ["strided_down", "maxpool_down", "bilinear_up", "seed_literal"]
 
 
 def _tensorboard_tags(run_dir: Path) -> dict[str, list[str]]:
@@ -142,7 +142,7 @@ def test_init_from_starts_from_checkpoint_weights(
     train(cfg)
     before = torch.load(source, weights_only=True)["state_dict"]
     after = torch.load(tmp_path / "tuned" / "checkpoints" / "last.ckpt", weights_only=True)
-    model = SegmentationLitModule(net={"channels": [4, 8, 16, 32]})
+    model = SegmentationLitModule(net=dict(cfg.model.net))  # the configured network
     for name, _ in model.named_parameters():
         assert torch.equal(before[name], after["state_dict"][name]), name
 

@@ -65,11 +65,19 @@ class ValidateAtTimeBudget(L.Callback):
     lost everything since the last validation. This makes the stopping step a validation step.
     """
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Run right after the Timer in each step, so that a stop it decides is seen here.
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is not None and self in trainer.callbacks:
+            trainer.callbacks.remove(self)
+            trainer.callbacks.insert(trainer.callbacks.index(timer) + 1, self)
+
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         if timer is None or timer._duration is None:
             return
-        if trainer.strategy.broadcast(timer.time_elapsed() >= timer._duration):
+        out_of_time = timer.time_elapsed() >= timer._duration
+        if trainer.should_stop or trainer.strategy.broadcast(out_of_time):
             trainer.should_stop = True
             # Lightning validates on a mid-epoch stop, but only in a validation epoch.
             trainer.check_val_every_n_epoch = 1
