@@ -24,8 +24,8 @@ import time
 import numpy as np
 import psutil
 
-from joenet.data.stores import SyntheticStore
-from joenet.data.volume import ZarrVolume
+from joenet.synthetic.stores import SyntheticStore
+from joenet.volume import ZarrVolume
 
 SLICE = 8192  # slice side: 64 MiB per uint8 slice
 UNITS = {"MiB": 2**20, "GiB": 2**30, "TiB": 2**40}

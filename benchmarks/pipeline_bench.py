@@ -26,9 +26,9 @@ import torch
 from train_step_bench import seconds_per_step, sync
 
 from joenet.data.datamodule import EMDataModule
-from joenet.data.synthetic import ensure_synthetic_volume
 from joenet.losses import BCEDiceLoss
 from joenet.model import UNet2d
+from joenet.synthetic import ensure_synthetic_volume
 
 
 def make_data(args: argparse.Namespace, workers: int, augment: dict) -> EMDataModule:

@@ -84,8 +84,8 @@ def _warm_up(net: torch.nn.Module) -> None:
 
 
 def _run_joenet(ckpt: Path, volume: Path, args: argparse.Namespace, batch_size: int | None) -> dict:
-    from joenet.inference import predict_volume
-    from joenet.inference.checkpoint import cached_model
+    from joenet.checkpoint import cached_model
+    from joenet.predict import predict_volume
 
     net = cached_model(ckpt, "cpu").net  # predict_volume reuses this cached model
     _warm_up(net)
@@ -102,8 +102,8 @@ def _run_monai(ckpt: Path, volume: Path, args: argparse.Namespace, sw_batch_size
     import zarr
     from monai.inferers import sliding_window_inference
 
-    from joenet.data.volume import to_unit_range
     from joenet.lit_module import SegmentationLitModule
+    from joenet.volume import to_unit_range
 
     net = SegmentationLitModule.load_from_checkpoint(ckpt, weights_only=True).net.eval()
     _warm_up(net)

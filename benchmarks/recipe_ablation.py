@@ -11,8 +11,9 @@ Rows differ only in their overrides: ``seed`` is the seed's literal recipe
 (``experiment=seed_literal``), ``stem`` adds ``model.net.input_norm=false``, and the rows up to
 ``narrow`` add one more change to ``stem``; ``recipe`` is joenet's default as it is, and each
 ``recipe_*`` row changes one thing of it (``custom``: the ``--custom`` overrides on the
-default). After training, mito IoU (threshold 0.5) is measured on every 4th validation slice of z [132, 165) (9 whole 768 x 1024 slices) with the weights validation
-would use (the EMA's, when on). Patch counts, not seconds, fix the horizon: the IoU column does
+default). After training, mito IoU (threshold 0.5) is measured on every 4th validation slice
+of z [132, 165) (9 whole 768 x 1024 slices) with the weights validation would use (the EMA's,
+when on). Patch counts, not seconds, fix the horizon: the IoU column does
 not depend on the machine's load (the patches/s column does).
 """
 

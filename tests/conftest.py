@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from joenet.config import config_dir, register_resolvers
-from joenet.data.synthetic import generate_synthetic_volume
+from joenet.synthetic import generate_synthetic_volume
 
 TINY_SHAPE = (12, 96, 96)
 register_resolvers()

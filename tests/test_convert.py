@@ -11,10 +11,10 @@ import pytest
 import zarr
 
 from joenet import __version__
-from joenet.data import convert as convert_module
-from joenet.data.convert import ConvertError, convert
-from joenet.data.readers import SourceError, natural_key, open_source
-from joenet.data.volume import ZarrVolume
+from joenet.convert import ConvertError, convert
+from joenet.convert import converter as convert_module
+from joenet.convert.readers import SourceError, natural_key, open_source
+from joenet.volume import ZarrVolume
 
 # The io formats are optional dependencies: a test skips, saying why, when its package is absent.
 tifffile = pytest.importorskip("tifffile", reason="TIFF input needs tifffile")

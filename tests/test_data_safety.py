@@ -17,10 +17,10 @@ import torch
 import zarr
 
 from joenet.data.datamodule import EMDataModule
-from joenet.data.volume import VolumeError, fit_normalization
 from joenet.evaluate import evaluate_volume
-from joenet.inference import predict_volume
-from joenet.inference.writer import OutputError
+from joenet.predict import predict_volume
+from joenet.predict.writer import OutputError
+from joenet.volume import VolumeError, fit_normalization
 
 FAST = {"progress": False, "device": "cpu"}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from joenet.data.datamodule import EMDataModule
-from joenet.data.volume import VolumeError
+from joenet.volume import VolumeError
 
 
 def _datamodule(volume_path: Path, **kwargs) -> EMDataModule:

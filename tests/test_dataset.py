@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from joenet.data.dataset import RandomPatchDataset, ShardSampler, TileDataset
-from joenet.data.sampler import Region
-from joenet.data.volume import VolumeError, ZarrVolume
+from joenet.data.regions import Region
+from joenet.volume import VolumeError, ZarrVolume
 
 
 @pytest.fixture

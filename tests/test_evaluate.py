@@ -15,9 +15,12 @@ import pytest
 import zarr
 from scipy import ndimage
 
-from joenet.evaluate import default_slices, evaluate, evaluate_volume, format_table
-from joenet.evaluation import (
+from joenet.evaluate import (
     best_level,
+    default_slices,
+    evaluate,
+    evaluate_volume,
+    format_table,
     instance_metrics,
     level_histogram,
     match_objects,

@@ -16,12 +16,13 @@ import zarr
 from scipy import ndimage
 from torch import nn
 
-from joenet.data.volume import VolumeError
-from joenet.inference import blocks as block_ops
-from joenet.inference import checkpoint, predict_volume
-from joenet.inference.source import InputImage
-from joenet.inference.tiling import PlanePredictor, plan_axis, tile_margin
+from joenet import checkpoint
 from joenet.model import UNet2d
+from joenet.predict import predict_volume
+from joenet.predict import work_units as block_ops
+from joenet.predict.source import InputImage
+from joenet.predict.tiling import PlanePredictor, plan_axis, tile_margin
+from joenet.volume import VolumeError
 from tests.conftest import TINY_SHAPE
 
 FAST = {"progress": False, "device": "cpu"}

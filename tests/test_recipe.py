@@ -13,8 +13,8 @@ import torch
 from hydra.utils import instantiate
 
 from joenet.callbacks import EMA, warm_ema
+from joenet.checkpoint import load_model
 from joenet.config import gpu_or_cpu
-from joenet.inference.checkpoint import load_model
 from joenet.lit_module import SegmentationLitModule, WarmupCosine, _param_groups
 from joenet.model import UNet2d
 from joenet.model.blocks import ConvNeXtBlock, PreActResBlock

@@ -13,9 +13,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from joenet.checkpoint_io import AtomicCheckpointIO
-from joenet.inference import predict_volume
+from joenet.checkpoint import AtomicCheckpointIO
 from joenet.lit_module import SegmentationLitModule
+from joenet.predict import predict_volume
 from joenet.train import train
 from tests.conftest import compose_train, tiny_overrides
 

@@ -10,8 +10,8 @@ import zarr
 
 from joenet.data.datamodule import EMDataModule
 from joenet.data.dataset import RandomPatchDataset
-from joenet.data.sampler import Box, Region, foreground_points, start_rectangles
-from joenet.data.volume import VolumeError, ZarrVolume
+from joenet.data.regions import Box, Region, foreground_points, start_rectangles
+from joenet.volume import VolumeError, ZarrVolume
 
 
 def _datamodule(**kwargs) -> EMDataModule:

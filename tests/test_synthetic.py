@@ -14,12 +14,12 @@ import pytest
 import zarr
 from scipy import ndimage
 
-from joenet.data import synthetic
-from joenet.data.synthetic import (
+from joenet.synthetic import (
     ensure_synthetic_volume,
     generate_synthetic_volume,
     render_synthetic_volume,
 )
+from joenet.synthetic import generator as synthetic
 
 SHAPE = (8, 96, 128)
 # Erode within each slice only: a z-slab border is not a nuclear envelope.

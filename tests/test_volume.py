@@ -14,8 +14,8 @@ import pytest
 import zarr
 from zarr.storage import LocalStore, WrapperStore
 
-from joenet.data.stores import SyntheticStore
-from joenet.data.volume import VolumeError, ZarrVolume, normalize, to_unit_range
+from joenet.synthetic.stores import SyntheticStore
+from joenet.volume import VolumeError, ZarrVolume, normalize, to_unit_range
 
 RAW = "recon-1/em/fibsem-uint8"
 CROPS = "recon-1/labels/groundtruth"

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from joenet.checkpoint import read_checkpoint
 from joenet.config import to_plain
 from joenet.losses import BCEDiceLoss
 from joenet.metrics import SegmentationMetrics
@@ -111,10 +112,8 @@ class SegmentationLitModule(L.LightningModule):
 
     def init_weights_from(self, path: str | Path) -> None:
         """Load the network weights of a joenet checkpoint (``init_from=``), e.g. to fine-tune."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"init_from={path}: no such checkpoint file")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
+        checkpoint = read_checkpoint(path, "init_from", plain_state_dict=True)
+        state = checkpoint["state_dict"]
         weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
         try:
             self.net.load_state_dict(weights)

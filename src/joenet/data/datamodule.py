@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, default_collate
 from joenet.config import to_plain
 from joenet.data.augment import BatchAugment
 from joenet.data.dataset import RandomPatchDataset, ShardSampler, TileDataset
-from joenet.data.sampler import Box, Region, foreground_points, start_rectangles
-from joenet.data.synthetic import ensure_synthetic_volume
-from joenet.data.volume import VolumeError, ZarrVolume
+from joenet.data.regions import Box, Region, foreground_points, start_rectangles
+from joenet.synthetic import ensure_synthetic_volume
+from joenet.volume import VolumeError, ZarrVolume, check_z_range
 
 _PARAMS_KEY = "augment_params"
 
@@ -219,13 +219,7 @@ class EMDataModule(L.LightningDataModule):
 
 
 def _z_range(volume: ZarrVolume, z_range: Sequence[int], key: str) -> tuple[int, int]:
-    depth = volume.shape[0]
-    if len(z_range) != 2 or not 0 <= z_range[0] < z_range[1] <= depth:
-        raise VolumeError(
-            f"{volume.path}: {key}={list(z_range)} must be [start, stop) with "
-            f"0 <= start < stop <= {depth} (the volume has {depth} slices)"
-        )
-    return int(z_range[0]), int(z_range[1])
+    return check_z_range(z_range, volume.shape[0], volume.path, key)
 
 
 def _holdout_box(volume: ZarrVolume, holdout: Mapping, key: str, patch_size: int) -> Box:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from joenet.data.sampler import Region, rectangle_areas, start_rectangles
-from joenet.data.volume import ZarrVolume
+from joenet.data.regions import Region, rectangle_areas, start_rectangles
+from joenet.volume import ZarrVolume
 
 # A window whose intensities span less than this is unimaged (padding, resin, a blank frame).
 _CONSTANT_RANGE = 1.0 / 255

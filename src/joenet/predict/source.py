@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from joenet.data.ome import MetadataError, read_multiscale, resolve_image
-from joenet.data.volume import VolumeError, intensity_sample, normalize
+from joenet.volume import VolumeError, intensity_sample, normalize, open_zarr
+from joenet.volume.ome import MetadataError, read_multiscale, resolve_image
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,7 @@ def open_input(path: str | Path, raw_key: str = "raw") -> InputImage:
         VolumeError: no zarr there, no ``raw`` in the group, not 3D, or an unsupported dtype.
     """
     where = str(path)
-    if "://" not in where and not Path(where).exists():
-        raise VolumeError(f"{where}: no such file or directory (expected a zarr group or array)")
-    try:
-        node = zarr.open(where, mode="r")
-    except Exception as err:  # zarr raises several types for "not zarr"
-        raise VolumeError(f"{where}: not a zarr group or array ({err})") from None
+    node = open_zarr(where, "a zarr group or array", group=False)
     if isinstance(node, zarr.Group):
         try:
             is_image = read_multiscale(node.attrs, where) is not None

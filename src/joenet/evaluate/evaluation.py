@@ -12,48 +12,35 @@ figures, ``raw``. A class is evaluated when it is in both; otherwise it is liste
 ``skipped`` with the reason, never reported as 0.
 
 Thresholds: a pixel is positive at threshold ``t`` iff ``u / 255 >= t``, i.e. ``u >=
-ceil(255 t)`` (``joenet.evaluation.counts.threshold_to_level``). ``best_threshold`` and the
+ceil(255 t)`` (``joenet.evaluate.counts.threshold_to_level``). ``best_threshold`` and the
 ``*_at_best`` metrics are tuned on the evaluated data itself: optimistic, not a held-out figure.
 
 Pixel metrics are accumulated block by block over z, so the volume is never loaded whole for
 them; the object statistics hold both masks of the evaluated z range in memory (see
-``joenet.evaluation.instances``), which ``instances=false`` switches off.
+``joenet.evaluate.objects``), which ``instances=false`` switches off.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import zarr
-from omegaconf import DictConfig, OmegaConf
 
-from joenet.cli import exit_on_error
-from joenet.config import config_dir, register_resolvers
-from joenet.data.volume import intensity_sample
-from joenet.evaluation import counts, figures
-from joenet.evaluation.instances import instance_metrics
+from joenet.evaluate import counts
+from joenet.evaluate.objects import instance_metrics
+from joenet.volume import check_z_range, intensity_sample, open_zarr
 
 THRESHOLD_RULE = (
     "positive iff u / 255 >= threshold, i.e. u >= ceil(255 * threshold), where u = round(255 p)"
 )
 
 
-register_resolvers()
-
-
-def _open_group(path: str | Path, role: str) -> zarr.Group:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{role} {path}: no such file or directory (expected a zarr group)")
-    try:
-        return zarr.open_group(str(path), mode="r")
-    except Exception as err:  # zarr raises several types for "not a group"
-        raise ValueError(f"{role} {path}: not a zarr group ({err})") from None
+def open_prediction_group(path: str | Path, role: str) -> zarr.Group:
+    """The prediction or truth group, read-only; a clear error when it is not one."""
+    return open_zarr(path, f"the {role}, a zarr group")
 
 
 def _prediction_classes(group: zarr.Group, path: str | Path) -> list[str]:
@@ -105,15 +92,6 @@ def _check_prediction_values(pred: zarr.Array, where: str) -> None:
             f"prediction {where}: float values span [{low:.4g}, {high:.4g}], expected "
             f"probabilities in [0, 1] ({hint} first)"
         )
-
-
-def _check_z_range(z_range: Sequence[int] | None, depth: int) -> tuple[int, int]:
-    if z_range is None:
-        return 0, depth
-    if len(z_range) != 2 or not 0 <= int(z_range[0]) < int(z_range[1]) <= depth:
-        raise ValueError(f"z_range must be [start, stop) with 0 <= start < stop <= {depth}, "
-                         f"got {list(z_range)}")  # fmt: skip
-    return int(z_range[0]), int(z_range[1])
 
 
 def evaluate_class(
@@ -195,12 +173,15 @@ def evaluate_volume(
         ``{"metrics": {class: {metric: value}}, "histograms": {class: (2, 256) list},
         "skipped": {class: reason}, "z_range": [start, stop], ...}``.
     """
-    pred_group, truth_group = _open_group(prediction, "prediction"), _open_group(truth, "truth")
+    pred_group, truth_group = (
+        open_prediction_group(prediction, "prediction"),
+        open_prediction_group(truth, "truth"),
+    )
     classes = _prediction_classes(pred_group, prediction)
     labelled = list(truth_group["labels"].array_keys()) if "labels" in truth_group else []
     binary = _binary_from_attrs(pred_group)
     depth = pred_group[classes[0]].shape[0]
-    start, stop = _check_z_range(z_range, depth)
+    start, stop = check_z_range(z_range, depth, str(prediction), "z_range")
     results: dict[str, Any] = {"metrics": {}, "histograms": {}, "skipped": {}}
     for name in classes:
         if name not in labelled:
@@ -225,135 +206,3 @@ def evaluate_volume(
         "best_threshold_note": "best_threshold and *_at_best maximise IoU on this data: optimistic",
     })  # fmt: skip
     return results
-
-
-def _check_slices(slices: Sequence[int], z_range: Sequence[int]) -> None:
-    start, stop = z_range
-    if any(not start <= int(z) < stop for z in slices):
-        raise ValueError(f"slices {list(slices)} must lie in the evaluated z range "
-                         f"[{start}, {stop})")  # fmt: skip
-
-
-def default_slices(z_range: Sequence[int], count: int = 3) -> list[int]:
-    """``count`` evenly spaced slices of a half-open z range, ends included."""
-    start, stop = z_range
-    return sorted({int(z) for z in np.linspace(start, stop - 1, count).round()})
-
-
-def write_figures(
-    results: Mapping[str, Any], out_dir: str | Path, slices: Sequence[int] | None = None
-) -> list[Path]:
-    """Slice panels (raw | truth | prediction | errors) and a PR curve per evaluated class.
-
-    Args:
-        results: output of ``evaluate_volume``.
-        out_dir: directory; figures go to ``<out_dir>/figures``.
-        slices: absolute z indices inside the evaluated range; None for 3 evenly spaced.
-
-    Returns:
-        The PNG files written.
-    """
-    start, stop = results["z_range"]
-    slices = default_slices((start, stop)) if slices is None else [int(z) for z in slices]
-    _check_slices(slices, (start, stop))
-    pred_group = _open_group(results["prediction"], "prediction")
-    truth_group = _open_group(results["truth"], "truth")
-    directory = Path(out_dir) / "figures"
-    directory.mkdir(parents=True, exist_ok=True)
-    has_raw = "raw" in truth_group  # without it the panels show the masks on black
-    written = []
-    for name, metrics in results["metrics"].items():
-        histogram = np.asarray(results["histograms"][name])
-        for z in slices:
-            levels = counts.to_levels(np.asarray(pred_group[name][z]), metrics["binary_prediction"])
-            truth = np.asarray(truth_group[f"labels/{name}"][z])
-            raw = np.asarray(truth_group["raw"][z]) if has_raw else np.zeros_like(truth)
-            title = f"{name}, z = {z}, threshold {metrics['threshold']:g}"
-            written.append(figures.save_slice_figure(
-                directory / f"{name}_z{z:04d}.png", raw, truth, levels, metrics["level"], title
-            ))  # fmt: skip
-        written.append(figures.save_pr_curve(
-            directory / f"{name}_pr_curve.png", histogram, metrics["threshold"],
-            metrics["best_threshold"], f"{name}: precision-recall, z [{start}, {stop})",
-        ))  # fmt: skip
-    return written
-
-
-def write_report(results: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``metrics.json`` (everything) and ``metrics.csv`` (one row per evaluated class)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = out_dir / "metrics.json", out_dir / "metrics.csv"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    rows = [{"class": name, **metrics} for name, metrics in results["metrics"].items()]
-    with csv_path.open("w", newline="") as f:
-        columns = list(dict.fromkeys(key for row in rows for key in row)) or ["class"]
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return json_path, csv_path
-
-
-def format_table(results: Mapping[str, Any]) -> str:
-    """A compact text table of the main metrics per class, plus the skipped classes."""
-    columns = ("iou", "dice", "precision", "recall", "accuracy", "miou", "best_threshold",
-               "iou_at_best", "object_f1")  # fmt: skip
-    lines = [f"{'class':<10}" + "".join(f"{c:>15}" for c in columns)]
-    for name, metrics in results["metrics"].items():
-        cells = (f"{metrics[c]:>15.4f}" if c in metrics else f"{'-':>15}" for c in columns)
-        lines.append(f"{name:<10}" + "".join(cells))
-    lines += [f"skipped {name}: {reason}" for name, reason in results["skipped"].items()]
-    start, stop = results["z_range"]
-    lines.append(f"z [{start}, {stop}), threshold {results['threshold']:g}; best_threshold and "
-                 "*_at_best are tuned on this data (optimistic)")  # fmt: skip
-    return "\n".join(lines)
-
-
-def evaluate(
-    prediction: str | Path,
-    truth: str | Path,
-    out_dir: str | Path,
-    z_range: Sequence[int] | None = None,
-    threshold: float = 0.5,
-    slices: Sequence[int] | None = None,
-    iou_match: float = 0.5,
-    instances: bool = True,
-    config: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The whole evaluation without Hydra: metrics, ``metrics.json``/``.csv`` and figures.
-
-    Args are those of ``evaluate_volume`` and ``write_figures``; ``config`` (e.g. the resolved
-    Hydra config) is stored in ``metrics.json`` under ``config``, the arguments when None.
-
-    Returns:
-        The results written to ``metrics.json``.
-    """
-    if slices is not None and z_range is not None:  # fail before the long part
-        _check_slices(slices, z_range)
-    results = evaluate_volume(prediction, truth, z_range, threshold, iou_match, instances)
-    results["config"] = dict(config) if config is not None else {
-        "prediction": str(prediction), "truth": str(truth), "z_range": z_range,
-        "threshold": threshold, "slices": slices, "iou_match": iou_match, "instances": instances,
-    }  # fmt: skip
-    results["out_dir"] = str(out_dir)
-    write_report(results, out_dir)
-    write_figures(results, out_dir, slices)
-    return results
-
-
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
-@exit_on_error
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point: evaluate, write the report into the run directory, print a table."""
-    out_dir = cfg.out_dir or cfg.paths.output_dir
-    z_range = list(cfg.z_range) if cfg.z_range is not None else None
-    slices = list(cfg.slices) if cfg.slices is not None else None
-    config = OmegaConf.to_container(cfg, resolve=True)
-    results = evaluate(cfg.prediction, cfg.truth, out_dir, z_range, cfg.threshold, slices,
-                       cfg.iou_match, cfg.instances, config)  # fmt: skip
-    print(format_table(results))
-    print(f"report: {Path(out_dir) / 'metrics.json'}")
-
-
-if __name__ == "__main__":
-    main()

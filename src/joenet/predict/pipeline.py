@@ -12,14 +12,14 @@ from typing import Any, Literal
 import torch
 
 import joenet
-from joenet.data.volume import VolumeError, fit_normalization
-from joenet.inference.blocks import PLANE_AXES, BlockJob, make_blocks
-from joenet.inference.checkpoint import cached_model, resolve_device, weights_fingerprint
-from joenet.inference.executor import run_dask, run_local
-from joenet.inference.instances import label_instances
-from joenet.inference.source import InputImage, open_input
-from joenet.inference.tiling import autocast_dtype, check_tiling, tile_margin
-from joenet.inference.writer import CompletionRecord, check_output, open_output
+from joenet.checkpoint import cached_model, resolve_device, weights_fingerprint
+from joenet.predict.executor import run_dask, run_local
+from joenet.predict.source import InputImage, open_input
+from joenet.predict.tiling import autocast_dtype, check_tiling, tile_margin
+from joenet.predict.work_units import PLANE_AXES, BlockJob, make_blocks
+from joenet.predict.writer import CompletionRecord, check_output, open_output
+from joenet.volume import VolumeError, check_z_range, fit_normalization
+from joenet.volume.components import label_instances
 
 log = logging.getLogger(__name__)
 _VOXEL_TOLERANCE = 0.10
@@ -186,9 +186,7 @@ def predict_volume(
     _check_voxel_size(voxel_size, model.voxel_size_nm, str(input))
     normalization = _input_normalization(image, model.normalization)
     depth = image.shape[0]
-    z_range = (0, depth) if z_range is None else (int(z_range[0]), int(z_range[1]))
-    if not 0 <= z_range[0] < z_range[1] <= depth:
-        raise ValueError(f"z_range {list(z_range)} must satisfy 0 <= start < stop <= {depth}")
+    z_range = check_z_range(z_range, depth, str(input), "z_range")
     _check_overlap(overlap, model.receptive_field)
     job = BlockJob(
         ckpt_path=str(Path(ckpt_path).resolve()),

@@ -2,9 +2,9 @@
 
 Writes an OME-Zarr (NGFF 0.5) with one uint8 array per class (probability x 255, or 0/1 with
 ``threshold``), block by block; running the same command again resumes a killed run. Every option
-is a key of ``conf/predict.yaml``; the work is done by :func:`joenet.inference.predict_volume`,
+is a key of ``conf/predict.yaml``; the work is done by :func:`joenet.predict.predict_volume`,
 usable without Hydra. Running on a Dask cluster, SLURM or several GPUs: see
-:mod:`joenet.inference.executor`.
+:mod:`joenet.predict.executor`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from joenet.cli import exit_on_error
 from joenet.config import config_dir, register_resolvers
-from joenet.inference import predict_volume
+from joenet.predict import predict_volume
 
 register_resolvers()
 log = logging.getLogger(__name__)

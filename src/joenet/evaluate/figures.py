@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from joenet.evaluation.counts import (
+from joenet.evaluate.counts import (
     metrics_at_level,
     precision_recall_curve,
     threshold_to_level,

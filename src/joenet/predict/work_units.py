@@ -16,9 +16,9 @@ from functools import cache
 import numpy as np
 import zarr
 
-from joenet.inference.checkpoint import cached_model, resolve_device
-from joenet.inference.source import InputImage, open_input
-from joenet.inference.tiling import AxisTiles, PlanePredictor, plan_axis
+from joenet.checkpoint import cached_model, resolve_device
+from joenet.predict.source import InputImage, open_input
+from joenet.predict.tiling import AxisTiles, PlanePredictor, plan_axis
 
 Range = tuple[int, int]
 # plane -> (axis across the planes, first in-plane axis, second in-plane axis), as (z, y, x) = 0..2
@@ -189,7 +189,7 @@ def make_predictor(job: BlockJob) -> PlanePredictor:
 
 def process_block(job: BlockJob, block: Block) -> tuple[int, int, int]:
     """Read, predict, write and record one block in this process (a Dask task)."""
-    from joenet.inference.writer import CompletionRecord
+    from joenet.predict.writer import CompletionRecord
 
     image = open_input(job.input_path)
     values = compute_block(job, make_predictor(job), read_block(job, image, block))

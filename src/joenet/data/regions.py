@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from joenet.data.volume import ZarrVolume
+from joenet.volume import ZarrVolume
 
 
 @dataclass(frozen=True)

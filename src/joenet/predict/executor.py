@@ -1,6 +1,6 @@
 """Run the pending blocks of a prediction: in this process, or on a Dask distributed cluster.
 
-Both executors run the same per-block code (``joenet.inference.blocks``), so they write the same
+Both executors run the same per-block code (``joenet.predict.work_units``), so they write the same
 bytes. The local one reads the next block in a thread while the current one is predicted.
 
 Scaling out with Dask (untested on GPUs here; the CPU path is what the tests run):
@@ -19,7 +19,7 @@ Scaling out with Dask (untested on GPUs here; the CPU path is what the tests run
 
       from dask_jobqueue import SLURMCluster
       from distributed import Client
-      from joenet.inference import predict_volume
+      from joenet.predict import predict_volume
 
       cluster = SLURMCluster(
           queue="gpu", cores=8, processes=1, memory="32GB", walltime="04:00:00",
@@ -41,10 +41,10 @@ from concurrent.futures import ThreadPoolExecutor
 import zarr
 from tqdm.auto import tqdm
 
-from joenet.inference import blocks as block_ops
-from joenet.inference.blocks import Block, BlockJob
-from joenet.inference.source import open_input
-from joenet.inference.writer import CompletionRecord
+from joenet.predict import work_units as block_ops
+from joenet.predict.source import open_input
+from joenet.predict.work_units import Block, BlockJob
+from joenet.predict.writer import CompletionRecord
 
 
 def _progress(total: int, done: int, enabled: bool) -> tqdm:

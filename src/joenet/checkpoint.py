@@ -1,0 +1,195 @@
+"""joenet's checkpoints: written atomically in training, read once (safely) everywhere else.
+
+``AtomicCheckpointIO`` is the trainer's checkpoint plugin; ``read_checkpoint`` is the one place
+a checkpoint file is opened outside Lightning's resume (``weights_only=True``, errors that name
+the file); ``load_model`` rebuilds the network and its data conventions for prediction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
+
+_CACHE: dict[tuple[str, str], LoadedModel] = {}
+
+
+def _data_state_key() -> str:
+    # Lightning stores a data module's state_dict under its class's qualified name.
+    from joenet.data.datamodule import EMDataModule
+
+    return EMDataModule.__qualname__
+
+
+def read_checkpoint(
+    path: str | os.PathLike, key: str = "ckpt_path", plain_state_dict: bool = False
+) -> dict[str, Any]:
+    """The checkpoint at ``path`` as a dict, loaded with ``weights_only=True`` onto the CPU.
+
+    Args:
+        path: a ``.ckpt`` written by ``python -m joenet.train``.
+        key: the config key that named it, for the error message.
+        plain_state_dict: also accept a bare ``torch.save(state_dict)`` (returned wrapped as
+            ``{"state_dict": ...}``), as ``init_from=`` does.
+
+    Raises:
+        FileNotFoundError: no file there.
+        ValueError: a file that is not a joenet training checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{key}={path}: no such checkpoint file (expected a .ckpt of a joenet training run, "
+            "e.g. logs/train/runs/<date>_<time>/checkpoints/best.ckpt)"
+        )
+    checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    if plain_state_dict and isinstance(checkpoint, dict) and "state_dict" not in checkpoint:
+        checkpoint = {"state_dict": checkpoint}
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{key}={path}: not a joenet training checkpoint (no 'state_dict')")
+    return checkpoint
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network in eval mode and the data conventions it was trained with.
+
+    Args:
+        net: the ``UNet2d``, in eval mode, on ``device``.
+        class_names: one output channel per class, in order.
+        voxel_size_nm: (z, y, x) voxel size of the training volume, None when unknown.
+        normalization: how raw intensities were mapped to [0, 1] in training, as
+            ``joenet.volume.normalize`` takes it (``dtype_range`` or ``fixed`` min/max).
+        receptive_field: theoretical receptive field of the network in pixels.
+        divisor: input height and width must be multiples of this.
+        device: where ``net`` lives.
+    """
+
+    net: nn.Module
+    class_names: list[str]
+    voxel_size_nm: list[float] | None
+    normalization: dict[str, Any]
+    receptive_field: int
+    divisor: int
+    device: torch.device
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the first CUDA GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the network of a joenet checkpoint and read its data module's state.
+
+    The file is read once: the module is built from its hyperparameters (plain values, see
+    ``SegmentationLitModule``) and given its ``state_dict`` (the EMA weights, when training
+    averaged them).
+
+    Args:
+        ckpt_path: a ``.ckpt`` written by ``python -m joenet.train``.
+        device: where to put the network.
+
+    Raises:
+        FileNotFoundError: no file at ``ckpt_path``.
+        ValueError: not a joenet checkpoint, or a normalisation this joenet does not know.
+    """
+    from joenet.lit_module import SegmentationLitModule  # Lightning import: only when loading
+
+    path = Path(ckpt_path)
+    checkpoint = read_checkpoint(path)
+    device = torch.device(device)
+    module = SegmentationLitModule(**checkpoint.get("hyper_parameters", {}))
+    module.load_state_dict(checkpoint["state_dict"])
+    net = module.net.to(device).eval()
+    state_key = _data_state_key()
+    data_state = checkpoint.get(state_key)
+    if data_state is None:
+        warnings.warn(
+            f"{path}: no '{state_key}' state in the checkpoint; assuming the model's "
+            "class names, dtype-range normalisation (uint8 / 255) and an unknown voxel size",
+            stacklevel=2,
+        )
+        data_state = {}
+    normalization = dict(data_state.get("normalization") or {"kind": "dtype_range"})
+    if normalization.get("kind") not in ("dtype_range", "fixed"):
+        raise ValueError(
+            f"{path}: normalization {normalization} is not supported by this joenet "
+            "(expected kind 'dtype_range' or 'fixed'); predict with the joenet that trained it"
+        )
+    voxel_size = data_state.get("voxel_size_nm")
+    return LoadedModel(
+        net=net,
+        class_names=list(data_state.get("class_names") or module.hparams.class_names),
+        voxel_size_nm=[float(v) for v in voxel_size] if voxel_size else None,
+        normalization=normalization,
+        receptive_field=net.receptive_field(),
+        divisor=net.divisor,
+        device=device,
+    )
+
+
+def weights_fingerprint(net: nn.Module) -> str:
+    """SHA-256 of a network's architecture and every tensor of its state dict.
+
+    Content, not the file: a model retrained into the same checkpoint path (same size, same
+    time resolution) gets another fingerprint, the same weights saved elsewhere the same one.
+    ``repr`` covers what the state dict does not hold (activations, interpolation modes).
+    """
+    digest = hashlib.sha256(repr(net).encode())
+    for name, tensor in sorted(net.state_dict().items()):
+        value = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{value.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def cached_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """``load_model`` once per process and checkpoint (a Dask worker: for its first block)."""
+    key = (str(Path(ckpt_path).resolve()), str(torch.device(device)))
+    if key not in _CACHE:
+        _CACHE[key] = load_model(ckpt_path, device)
+    return _CACHE[key]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Save to a temporary file beside the target, fsync it, then rename it over the target.
+
+    A kill during a save (e.g. ``kill -9`` on a shared cluster) leaves the previous ``last.ckpt``
+    intact. Lightning's own save goes through an fsspec transaction, which stages the file in the
+    system temp dir and *copies* it over when that is another filesystem: not atomic. The
+    temporary name avoids "last", which ``ckpt_path=last`` looks for.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path):  # object stores write whole objects: already all or nothing
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.parent / f".partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the rename itself durable
+        finally:
+            os.close(directory)

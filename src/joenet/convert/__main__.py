@@ -1,0 +1,7 @@
+"""``python -m joenet.convert``: see :mod:`joenet.convert.cli`."""
+
+import sys
+
+from joenet.convert.cli import main
+
+sys.exit(main())

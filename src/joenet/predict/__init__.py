@@ -1,0 +1,12 @@
+"""Tiled, resumable prediction of a zarr volume into an OME-Zarr.
+
+``python -m joenet.predict ckpt_path=... input=... output=...`` (``cli``); without Hydra,
+:func:`predict_volume` (``pipeline``). The parts: ``source`` (the input image), ``tiling`` (one
+plane, tile by tile, blended), ``work_units`` (blocks of the volume: read, predict, write),
+``executor`` (local or Dask), ``writer`` (the output group and its completion record).
+"""
+
+from joenet.predict.pipeline import predict_volume
+from joenet.predict.tiling import PlanePredictor
+
+__all__ = ["PlanePredictor", "predict_volume"]
