@@ -20,7 +20,7 @@ from joenet import checkpoint
 from joenet.model import UNet2d
 from joenet.predict import predict_volume
 from joenet.predict import work_units as block_ops
-from joenet.predict.source import InputImage
+from joenet.predict.input_image import InputImage
 from joenet.predict.tiling import PlanePredictor, plan_axis, tile_margin
 from joenet.volume import VolumeError
 from tests.conftest import TINY_SHAPE

@@ -1,12 +1,14 @@
-"""Where training windows may start: region bounds, a spatial holdout, foreground points."""
+"""Where training and validation read: Z-split regions, a spatial holdout, crops, fg points."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from joenet.volume import ZarrVolume
+from joenet.volume import VolumeError, ZarrVolume, check_z_range
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,88 @@ def foreground_points(
             ys, xs = ys[keep], xs[keep]
         points.append(np.stack([np.full_like(ys, z), ys + b.y_start, xs + b.x_start], axis=1))
     return np.concatenate(points).astype(np.int64) if points else np.zeros((0, 3), np.int64)
+
+
+def _z_range(volume: ZarrVolume, z_range: Sequence[int], key: str) -> tuple[int, int]:
+    return check_z_range(z_range, volume.shape[0], volume.path, key)
+
+
+def _holdout_box(volume: ZarrVolume, holdout: Mapping, key: str, patch_size: int) -> Box:
+    _, height, width = volume.shape
+    try:
+        box = Box(int(holdout["y"][0]), int(holdout["y"][1]), int(holdout["x"][0]),
+                  int(holdout["x"][1]))  # fmt: skip
+    except (KeyError, IndexError, TypeError):
+        raise VolumeError(
+            f"{volume.path}: {key}.holdout must be {{y: [start, stop], x: [start, stop]}}, "
+            f"got {holdout}"
+        ) from None
+    if not (0 <= box.y_start < box.y_stop <= height and 0 <= box.x_start < box.x_stop <= width):
+        raise VolumeError(f"{volume.path}: {key}.holdout {holdout} is outside {height}x{width}")
+    if min(box.y_stop - box.y_start, box.x_stop - box.x_start) < patch_size:
+        raise VolumeError(
+            f"{volume.path}: {key}.holdout {holdout} is smaller than data.patch_size={patch_size}"
+        )
+    return box
+
+
+def volume_regions(
+    volume: ZarrVolume, spec: Mapping[str, Any], key: str, window: int, patch_size: int
+) -> tuple[Region, Region | None]:
+    """The training region and the validation region (or None) of one volume's spec."""
+    _, height, width = volume.shape
+    if window > min(height, width):
+        raise VolumeError(
+            f"{volume.path}: slices are {height}x{width} px but training reads {window}x{window} "
+            f"windows (data.patch_size={patch_size} plus room for rotation/elastic): lower "
+            "data.patch_size or disable data.augment.rotate"
+        )
+    train_z = _z_range(volume, spec["train_z"], f"{key}.train_z")
+    val_z = None if spec.get("val_z") is None else _z_range(volume, spec["val_z"], f"{key}.val_z")
+    if spec.get("holdout") is None:
+        if val_z is None:
+            return Region(volume, *train_z), None
+        if train_z[0] < val_z[1] and val_z[0] < train_z[1]:
+            raise VolumeError(
+                f"{volume.path}: {key}.train_z {list(train_z)} and {key}.val_z {list(val_z)} "
+                "overlap; validation slices must be held out (or use a spatial holdout)"
+            )
+        return Region(volume, *train_z), Region(volume, *val_z)
+    box = _holdout_box(volume, spec["holdout"], key, patch_size)
+    train = Region(volume, *train_z, exclude=box)
+    if not start_rectangles(train, window):
+        raise VolumeError(
+            f"{volume.path}: no {window} px training window fits beside {key}.holdout "
+            f"{spec['holdout']}"
+        )
+    return train, Region(volume, *(val_z or train_z), box=box)
+
+
+def _around(start: int, stop: int, size: int, limit: int) -> tuple[int, int]:
+    """``[start, stop)`` widened symmetrically to at least ``size``, kept inside ``[0, limit)``."""
+    grow = max(0, size - (stop - start))
+    start = max(0, min(start - grow // 2, limit - max(size, stop - start)))
+    return start, min(limit, start + max(size, stop - start))
+
+
+def crop_regions(
+    volume: ZarrVolume, spec: Mapping[str, Any], key: str, window: int, patch_size: int
+) -> tuple[list[Region], list[Region]]:
+    """Regions around the annotated crops of a volume (CellMap style), split by the Z ranges.
+
+    Only crops carry labels, so windows are drawn around them (widened to the window size, so
+    a window always overlaps its crop) instead of over whole slices that are mostly unannotated.
+    """
+    _, height, width = volume.shape
+    train_z = _z_range(volume, spec["train_z"], f"{key}.train_z")
+    val_z = None if spec.get("val_z") is None else _z_range(volume, spec["val_z"], f"{key}.val_z")
+    split = {"train": ([], train_z, window), "val": ([], val_z, patch_size)}
+    for z0, z1, y0, y1, x0, x1 in volume.annotated_boxes():
+        for regions, z_range, size in split.values():
+            if z_range is None or max(z0, z_range[0]) >= min(z1, z_range[1]):
+                continue
+            box = Box(*_around(y0, y1, size, height), *_around(x0, x1, size, width))
+            regions.append(Region(volume, max(z0, z_range[0]), min(z1, z_range[1]), box=box))
+    if not split["train"][0]:
+        raise VolumeError(f"{volume.path}: no annotated crop intersects {key}.train_z {train_z}")
+    return split["train"][0], split["val"][0]

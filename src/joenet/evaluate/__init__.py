@@ -6,23 +6,16 @@ counts per probability level and the metrics from them), ``objects`` (3D object 
 """
 
 from joenet.evaluate.counts import (
-    METRIC_NAMES,
     best_level,
     confusion_at_levels,
     level_histogram,
     metrics_at_level,
-    metrics_from_counts,
     precision_recall_curve,
     threshold_to_level,
     to_levels,
 )
 from joenet.evaluate.evaluation import THRESHOLD_RULE, evaluate_class, evaluate_volume
-from joenet.evaluate.objects import (
-    INSTANCE_METRIC_NAMES,
-    instance_metrics,
-    label_components,
-    match_objects,
-)
+from joenet.evaluate.objects import INSTANCE_METRIC_NAMES, instance_metrics, match_objects
 from joenet.evaluate.report import (
     default_slices,
     evaluate,
@@ -30,6 +23,8 @@ from joenet.evaluate.report import (
     write_figures,
     write_report,
 )
+from joenet.metrics import METRIC_NAMES, metrics_from_counts
+from joenet.volume.components import label_components
 
 __all__ = [
     "INSTANCE_METRIC_NAMES",

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from joenet.metrics import metrics_from_counts
+
 if TYPE_CHECKING:
     import zarr
 
 LEVELS = 256
-METRIC_NAMES = ("iou", "dice", "precision", "recall", "accuracy", "iou_background", "miou")
 
 
 def threshold_to_level(threshold: float) -> int:
@@ -137,40 +138,6 @@ def confusion_at_levels(histogram: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def metrics_from_counts(
-    tp: np.ndarray | float, fp: np.ndarray | float, fn: np.ndarray | float, tn: np.ndarray | float
-) -> dict[str, np.ndarray]:
-    """Foreground IoU, Dice, precision, recall, accuracy, background IoU and their mean (mIoU).
-
-    Conventions follow ``joenet.metrics.SegmentationMetrics``: when a class is absent from both
-    prediction and truth (``tp + fp + fn == 0``) every foreground score is 1, not 0/0; any other
-    zero denominator gives 0. Background IoU is 1 when there is no background anywhere. ``miou``
-    is the mean of foreground and background IoU, as some EM papers report "mIoU".
-
-    Args:
-        tp: true positives (scalars or arrays that broadcast).
-        fp: false positives.
-        fn: false negatives.
-        tn: true negatives.
-
-    Returns:
-        ``{name: float64 array}`` for each name in ``METRIC_NAMES``.
-    """
-    tp, fp, fn, tn = (np.asarray(c, dtype=np.float64) for c in (tp, fp, fn, tn))
-    perfect = (tp + fp + fn) == 0
-    iou = _ratio(tp, tp + fp + fn, perfect)
-    iou_background = _ratio(tn, tn + fp + fn, (tn + fp + fn) == 0)
-    return {
-        "iou": iou,
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn, perfect),
-        "precision": _ratio(tp, tp + fp, perfect),
-        "recall": _ratio(tp, tp + fn, perfect),
-        "accuracy": _ratio(tp + tn, tp + fp + fn + tn, perfect),
-        "iou_background": iou_background,
-        "miou": (iou + iou_background) / 2,
-    }
-
-
 def best_level(histogram: np.ndarray, prefer: int, metric: str = "iou") -> int:
     """The cut level in 1..255 that maximises ``metric``; ties go to the level nearest ``prefer``.
 
@@ -216,8 +183,3 @@ def metrics_at_level(histogram: np.ndarray, level: int) -> dict[str, float]:
     confusion = {name: int(value[level]) for name, value in confusion_at_levels(histogram).items()}
     metrics = {name: float(value) for name, value in metrics_from_counts(**confusion).items()}
     return {**metrics, **confusion}
-
-
-def _ratio(numerator: np.ndarray, denominator: np.ndarray, perfect: np.ndarray) -> np.ndarray:
-    value = numerator / np.maximum(denominator, 1.0)
-    return np.where(perfect, 1.0, value)

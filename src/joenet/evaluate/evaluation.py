@@ -31,6 +31,7 @@ import zarr
 
 from joenet.evaluate import counts
 from joenet.evaluate.objects import instance_metrics
+from joenet.metrics import METRIC_NAMES
 from joenet.volume import check_z_range, intensity_sample, open_zarr
 
 THRESHOLD_RULE = (
@@ -140,7 +141,7 @@ def evaluate_class(
         **counts.metrics_at_level(histogram, level),
         "best_threshold": best / 255,
         "best_level": best,
-        **{f"{name}_at_best": at_best[name] for name in counts.METRIC_NAMES},
+        **{f"{name}_at_best": at_best[name] for name in METRIC_NAMES},
         "truth_fraction": float(histogram[1].sum() / max(histogram.sum(), 1)),
         "binary_prediction": bool(binary),
     }

@@ -8,7 +8,8 @@ whole large dataset. Evaluate such a volume in z ranges, or switch instances off
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+
+from joenet.volume.components import label_components
 
 INSTANCE_METRIC_NAMES = (
     "true_objects",
@@ -19,23 +20,6 @@ INSTANCE_METRIC_NAMES = (
     "object_f1",
     "matched_mean_iou",
 )
-
-
-def label_components(mask: np.ndarray, connectivity: int = 1) -> tuple[np.ndarray, int]:
-    """3D connected components of a boolean mask.
-
-    Args:
-        mask: (z, y, x) mask; nonzero is foreground.
-        connectivity: 1 joins face neighbours (6-connected), 2 adds edges (18), 3 corners (26).
-
-    Returns:
-        ``(labels, count)``: int32 labels 1..count, 0 for background.
-    """
-    if mask.ndim != 3:
-        raise ValueError(f"expected a (z, y, x) mask, got shape {mask.shape}")
-    structure = ndimage.generate_binary_structure(3, connectivity)
-    labels, count = ndimage.label(mask > 0, structure=structure, output=np.int32)
-    return labels, int(count)
 
 
 def match_objects(

@@ -1,7 +1,7 @@
 """Tiled, resumable prediction of a zarr volume into an OME-Zarr.
 
 ``python -m joenet.predict ckpt_path=... input=... output=...`` (``cli``); without Hydra,
-:func:`predict_volume` (``pipeline``). The parts: ``source`` (the input image), ``tiling`` (one
+:func:`predict_volume` (``pipeline``). The parts: ``input_image`` (the input), ``tiling`` (one
 plane, tile by tile, blended), ``work_units`` (blocks of the volume: read, predict, write),
 ``executor`` (local or Dask), ``writer`` (the output group and its completion record).
 """

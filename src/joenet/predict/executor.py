@@ -42,7 +42,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from joenet.predict import work_units as block_ops
-from joenet.predict.source import open_input
+from joenet.predict.input_image import open_input
 from joenet.predict.work_units import Block, BlockJob
 from joenet.predict.writer import CompletionRecord
 

@@ -14,7 +14,7 @@ import torch
 import joenet
 from joenet.checkpoint import cached_model, resolve_device, weights_fingerprint
 from joenet.predict.executor import run_dask, run_local
-from joenet.predict.source import InputImage, open_input
+from joenet.predict.input_image import InputImage, open_input
 from joenet.predict.tiling import autocast_dtype, check_tiling, tile_margin
 from joenet.predict.work_units import PLANE_AXES, BlockJob, make_blocks
 from joenet.predict.writer import CompletionRecord, check_output, open_output

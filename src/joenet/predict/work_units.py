@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from joenet.checkpoint import cached_model, resolve_device
-from joenet.predict.source import InputImage, open_input
+from joenet.predict.input_image import InputImage, open_input
 from joenet.predict.tiling import AxisTiles, PlanePredictor, plan_axis
 
 Range = tuple[int, int]

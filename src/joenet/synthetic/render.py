@@ -19,7 +19,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 Shape3 = tuple[int, int, int]
-Box = tuple[tuple[slice, slice, slice], tuple[np.ndarray, np.ndarray, np.ndarray]]
+ObjectBox = tuple[tuple[slice, slice, slice], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def render_synthetic_volume(shape: Shape3, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -309,7 +309,7 @@ def _upsample(grid: np.ndarray, factor: int, shape: tuple[int, ...]) -> np.ndarr
     return grid
 
 
-def _box(center: np.ndarray, half: np.ndarray, shape: tuple[int, ...]) -> Box | None:
+def _box(center: np.ndarray, half: np.ndarray, shape: tuple[int, ...]) -> ObjectBox | None:
     """Bounding box of an object clipped to the volume, with broadcastable offsets to its centre."""
     lo = np.maximum(np.floor(center - half).astype(int), 0)
     hi = np.minimum(np.ceil(center + half).astype(int) + 1, shape)
