@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -75,13 +75,25 @@ def first_not_null(*values: object) -> object:
     return next((value for value in values if value is not None), None)
 
 
-def to_plain(value: Any) -> Any:
-    """Hydra containers (and tuples) as plain dicts and lists: for constructors and checkpoints."""
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
+def call_target(cfg: DictConfig, **given: Any) -> Any:
+    """Call the config's top-level ``_target_`` with the config keys that it takes as arguments.
+
+    A command's config (``conf/predict.yaml``) also holds keys that are not arguments of its
+    function (``paths``, ``task_name``, ``hydra``): they stay out, so the keys users type and the
+    function's parameters are one list, the function's signature, never a hand-copied one.
+    ``given`` adds or replaces arguments (the resolved config itself, a run directory).
+    """
+    import inspect
+
+    from hydra.utils import get_method
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    target = get_method(resolved["_target_"])
+    parameters = inspect.signature(target).parameters
+    # Called directly, not through hydra.utils.instantiate: ``given`` may hold the config itself,
+    # whose own ``_target_`` instantiate would recurse into.
+    arguments = {key: value for key, value in resolved.items() if key in parameters}
+    return target(**{**arguments, **given})
 
 
 def register_resolvers() -> None:

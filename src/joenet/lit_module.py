@@ -14,7 +14,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from joenet.checkpoint import read_checkpoint
-from joenet.config import to_plain
 from joenet.losses import BCEDiceLoss
 from joenet.metrics import SegmentationMetrics
 from joenet.model import UNet2d
@@ -40,7 +39,8 @@ class SegmentationLitModule(L.LightningModule):
         warmup: share of the cosine schedule spent ramping the learning rate up linearly from 0.
         plateau_factor: learning-rate factor of ``plateau``.
         plateau_patience: validations without improvement before ``plateau`` lowers the rate.
-        plateau_monitor: logged metric that ``plateau`` watches (lower is better).
+        plateau_monitor: logged metric that ``plateau`` watches.
+        plateau_mode: ``min`` (lower is better, as for a loss) or ``max`` (as for Dice).
         bce_weight: weight of BCE in the loss.
         dice_weight: weight of Dice in the loss.
         threshold: probability threshold of the metrics.
@@ -67,6 +67,7 @@ class SegmentationLitModule(L.LightningModule):
         plateau_factor: float = 0.5,
         plateau_patience: int = 5,
         plateau_monitor: str = "val/loss",
+        plateau_mode: Literal["min", "max"] = "min",
         bce_weight: float = 1.0,
         dice_weight: float = 1.0,
         threshold: float = 0.5,
@@ -88,8 +89,7 @@ class SegmentationLitModule(L.LightningModule):
             raise ValueError(
                 f"model.nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}"
             )
-        class_names = to_plain(class_names)
-        net = to_plain(net) or {}
+        class_names, net = list(class_names), dict(net or {})  # plain values for the checkpoint
         self.save_hyperparameters()
         self.net = UNet2d(in_channels=1, out_channels=len(class_names), **net)
         self.criterion = BCEDiceLoss(bce_weight=bce_weight, dice_weight=dice_weight)
@@ -183,8 +183,8 @@ class SegmentationLitModule(L.LightningModule):
         )
         if self.hparams.scheduler == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, factor=self.hparams.plateau_factor,
-                patience=self.hparams.plateau_patience,
+                optimizer, mode=self.hparams.plateau_mode,
+                factor=self.hparams.plateau_factor, patience=self.hparams.plateau_patience,
             )  # fmt: skip
             config = {"interval": "epoch", "monitor": self.hparams.plateau_monitor}
         else:

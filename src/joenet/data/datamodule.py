@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from joenet.config import to_plain
 from joenet.data.augment import BatchAugment
 from joenet.data.dataset import RandomPatchDataset, ShardSampler, TileDataset
 from joenet.data.regions import crop_regions, foreground_points, volume_regions
@@ -104,7 +103,7 @@ class EMDataModule(L.LightningDataModule):
         if (path is None) == (volumes is None):
             raise ValueError("give either data.path (one volume) or data.volumes (a list)")
         defaults = {"train_z": train_z, "val_z": val_z, "holdout": holdout}
-        specs = [{"path": path}] if volumes is None else [dict(to_plain(v)) for v in volumes]
+        specs = [{"path": path}] if volumes is None else [dict(v) for v in volumes]
         self.volume_specs = [{**defaults, **spec} for spec in specs]
         self._keys = (
             ["data"] if volumes is None else [f"data.volumes[{i}]" for i in range(len(specs))]
@@ -120,7 +119,7 @@ class EMDataModule(L.LightningDataModule):
         self.reject_constant = reject_constant
         self.synthetic = dict(synthetic) if synthetic else None
         self.cache_bytes = cache_bytes
-        self.volume_options = dict(to_plain(volume or {}))
+        self.volume_options = dict(volume or {})
         self.multiprocessing_context = multiprocessing_context
         self.augment = BatchAugment(patch_size=patch_size, **dict(augment or {}))
         self.train_dataset: RandomPatchDataset | None = None
@@ -135,7 +134,7 @@ class EMDataModule(L.LightningDataModule):
             return
         train_regions, val_regions = [], []
         for spec, key in zip(self.volume_specs, self._keys, strict=True):
-            options = {**self.volume_options, **dict(to_plain(spec.get("volume") or {}))}
+            options = {**self.volume_options, **dict(spec.get("volume") or {})}
             volume = ZarrVolume(
                 str(spec["path"]), self.class_names, cache_bytes=self.cache_bytes, **options
             )

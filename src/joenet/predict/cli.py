@@ -16,24 +16,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from joenet.cli import exit_on_error
-from joenet.config import config_dir, register_resolvers
-from joenet.predict import predict_volume
+from joenet.config import call_target, config_dir, register_resolvers
 
 register_resolvers()
 log = logging.getLogger(__name__)
 
 
 def predict(cfg: DictConfig) -> Path:
-    """Run ``predict_volume`` with the values of a composed ``predict`` config."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    options = {key: resolved[key] for key in (
-        "tile", "overlap", "blending", "batch_size", "precision", "tta", "planes", "threshold",
-        "instances", "device", "executor", "n_workers", "scheduler_address", "z_range",
-        "block_size", "overwrite", "progress",
-    )}  # fmt: skip
-    output = predict_volume(
-        resolved["ckpt_path"], resolved["input"], resolved["output"], config=resolved, **options
-    )
+    """Run the config's ``_target_`` (``predict_volume``) with its keys; the output path."""
+    output = call_target(cfg, config=OmegaConf.to_container(cfg, resolve=True))
     log.info("predictions written to %s", output)
     return output
 
