@@ -1,11 +1,53 @@
-"""Test-only Lightning callbacks, importable by subprocess runs (``+callbacks.x._target_=...``)."""
+"""Test helpers: the tiny training config, and callbacks that subprocess runs import by name.
+
+The callbacks are given as ``+callbacks.x._target_=tests.helpers.X``.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import lightning as L
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from joenet.config import config_dir, register_resolvers
+
+TINY_SHAPE = (12, 96, 96)
+
+
+def tiny_overrides(data_dir: Path, output_dir: Path) -> list[str]:
+    """Overrides that make a full training run take seconds on a CPU."""
+    return [
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={output_dir}",
+        f"data.synthetic.shape=[{','.join(map(str, TINY_SHAPE))}]",
+        "data.train_z=[0,8]",
+        "data.val_z=[8,12]",
+        "data.patch_size=32",
+        "data.batch_size=4",
+        "data.patches_per_epoch=8",
+        "data.num_workers=0",
+        "model.net.channels=[4,8,16,32]",
+        "trainer=cpu",
+        "trainer.accumulate_grad_batches=1",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+    ]
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """Compose ``conf/train.yaml`` in-process, as ``python -m joenet.train`` would."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
 
 
 class RecordSamples(L.Callback):
@@ -51,3 +93,31 @@ class KillAtStep(L.Callback):
 
             self.marker.write_text("killed")
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CaptureStartState(L.Callback):
+    """Keep copies of the weights and optimizer state as training (re)starts: ``.captured``."""
+
+    def __init__(self) -> None:
+        self.captured: dict = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.captured = {
+            "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()),
+            "global_step": trainer.global_step,
+        }
+
+
+def assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    """Every tensor of nested dicts ``a`` and ``b`` equal, the keys too."""
+    import torch
+
+    assert a.keys() == b.keys(), what
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_same_tensors(a[key], b[key], f"{what}.{key}")
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), f"{what}.{key}"
+        else:
+            assert a[key] == b[key], f"{what}.{key}"

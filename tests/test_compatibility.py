@@ -20,9 +20,9 @@ import zarr
 
 from joenet.evaluate import evaluate_volume
 from joenet.predict import predict_volume
-from tests.conftest import compose_train, tiny_overrides
 from tests.fixtures.make_v0_fixtures import HERE as FIXTURES
 from tests.fixtures.make_v0_fixtures import MASK_ARGS, PREDICT_ARGS
+from tests.helpers import compose_train, tiny_overrides
 
 CKPT, VOLUME = FIXTURES / "last.ckpt", FIXTURES / "input.zarr"
 CLASSES = ("nuclei", "mito")
@@ -68,6 +68,7 @@ def test_old_checkpoint_masks_and_instances(tmp_path: Path) -> None:
         assert np.array_equal(new[f"{name}_instances"] > 0, new[name] > 0)
 
 
+@pytest.mark.slow  # a subprocess
 def test_old_prediction_resumes_as_complete(tmp_path: Path) -> None:
     """Today's predict recognises the old output as its own, finished: nothing is rewritten."""
     copy = tmp_path / "prob.zarr"

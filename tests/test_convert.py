@@ -350,6 +350,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli(tmp_path: Path) -> None:
     raw = _tif(tmp_path / "raw.tif", _raw())
     mito = _tif(tmp_path / "mito.tif", _instances())

@@ -59,6 +59,7 @@ def _copy_volume(volume_path: Path, target: Path) -> Path:
 # -- outputs that are, hold or contain the input --------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess
 def test_output_that_is_the_input_is_refused_with_overwrite_too(
     ckpt_path: Path, volume_path: Path, tmp_path: Path
 ) -> None:
@@ -102,6 +103,7 @@ OPTIONS: list[dict[str, Any]] = [
 ]
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_folder_of_user_files_survives_every_prediction_option(
     ckpt_path: Path, volume_path: Path, tmp_path: Path
 ) -> None:
@@ -155,6 +157,7 @@ def _save(ckpt_path: Path, target: Path, change: float) -> None:
     torch.save(checkpoint, target)
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_model_retrained_into_the_same_path_never_mixes_outputs(
     ckpt_path: Path, volume_path: Path, tmp_path: Path
 ) -> None:

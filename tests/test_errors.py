@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from joenet.cli import exit_on_error
 from joenet.train import train
-from tests.conftest import compose_train, tiny_overrides
+from tests.helpers import compose_train, tiny_overrides
 
 
 def _run_train(cfg: DictConfig, capsys: pytest.CaptureFixture) -> str:
@@ -139,6 +139,7 @@ def _cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_exit_code_and_debug_flag(data_dir: Path, tmp_path: Path) -> None:
     args = [*tiny_overrides(data_dir, tmp_path / "run"), "data.train_z=[0,10]"]
     quiet = _cli(args, tmp_path)
@@ -150,6 +151,7 @@ def test_cli_exit_code_and_debug_flag(data_dir: Path, tmp_path: Path) -> None:
     assert "Traceback" in debug.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_misspelt_override_and_unwritable_output(tmp_path: Path) -> None:
     misspelt = _cli(["model.nett.down=maxpool"], tmp_path)
     assert misspelt.returncode == 1

@@ -247,6 +247,7 @@ def test_report_files(volume_path: Path, tmp_path: Path) -> None:
         evaluate(pred, volume_path, tmp_path / "bad", z_range=[2, 10], slices=[11])
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli(volume_path: Path, tmp_path: Path) -> None:
     pred = _eroded_prediction(volume_path, tmp_path / "pred.zarr")
     out = tmp_path / "cli"

@@ -16,7 +16,7 @@ import zarr
 from nbclient import NotebookClient
 
 from joenet.train import train
-from tests.conftest import compose_train, tiny_overrides
+from tests.helpers import compose_train, tiny_overrides
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

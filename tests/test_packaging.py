@@ -34,6 +34,7 @@ def test_wheel_contains_configs(wheel: Path) -> None:
         assert f"joenet/conf/{config}" in names
 
 
+@pytest.mark.slow  # a subprocess
 def test_installed_package_composes_from_any_directory(wheel: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # what pip install puts in site-packages

@@ -23,7 +23,7 @@ from joenet.predict import work_units as block_ops
 from joenet.predict.input_image import InputImage
 from joenet.predict.tiling import PlanePredictor, plan_axis, tile_margin
 from joenet.volume import VolumeError
-from tests.conftest import TINY_SHAPE
+from tests.helpers import TINY_SHAPE
 
 FAST = {"progress": False, "device": "cpu"}
 
@@ -45,6 +45,7 @@ def _chunk_bytes(output: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_writes_ome_zarr(ckpt_path: Path, volume_path: Path, tmp_path: Path) -> None:
     output = tmp_path / "pred.zarr"
     result = subprocess.run(
@@ -207,6 +208,37 @@ def test_tta_and_planes_invert_their_transforms(
     plain_values = zarr.open_group(str(plain), mode="r")["nuclei"][0]
     tta_values = zarr.open_group(str(tta), mode="r")["nuclei"][0]
     assert not np.array_equal(plain_values, tta_values)
+
+
+class _RowGradient(nn.Module):
+    """logits = 20 (next row - this row): it sees only how the image changes down a plane's rows."""
+
+    divisor = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = torch.nn.functional.pad(x[:, :, 1:] - x[:, :, :-1], (0, 0, 0, 1))
+        return torch.cat([20 * step, 20 * step], dim=1)
+
+
+def test_orthoplanes_see_the_other_axes(ckpt_path: Path, tmp_path: Path) -> None:
+    """A ramp along z is flat in every xy plane but not in xz and yz: ``planes`` must show it."""
+    depth, step = 6, 40
+    ramp = np.broadcast_to(
+        (np.arange(depth) * step).astype(np.uint8)[:, None, None], (depth, 48, 40)
+    )
+    volume = zarr.open_group(str(tmp_path / "ramp.zarr"), mode="w")
+    volume.create_array("raw", data=np.ascontiguousarray(ramp), chunks=(1, 48, 40))
+    fake = _fake_checkpoint(ckpt_path, tmp_path, _RowGradient())
+    values = {}
+    for name, planes in {"xy": "xy", "three": ["xy", "xz", "yz"]}.items():
+        output = predict_volume(fake, tmp_path / "ramp.zarr", tmp_path / f"{name}.zarr",
+                                planes=planes, **FAST)  # fmt: skip
+        values[name] = zarr.open_group(str(output), mode="r")["mito"][...].astype(int)
+    assert (values["xy"] == 128).all()  # flat planes: logit 0, p = 0.5
+    # xz and yz planes have z down their rows: p = sigmoid(20 * 40 / 255) there, averaged with xy.
+    expected = 255 * (0.5 + 2 * torch.sigmoid(torch.tensor(20 * step / 255)).item()) / 3
+    inner = values["three"][1 : depth - 2]  # rows with a true neighbour below in every plane
+    assert np.abs(inner - expected).max() <= 2, (inner.min(), inner.max(), expected)
 
 
 def test_z_range_inside_deep_chunks(ckpt_path: Path, tmp_path: Path) -> None:

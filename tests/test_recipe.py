@@ -19,7 +19,7 @@ from joenet.lit_module import SegmentationLitModule, WarmupCosine, _param_groups
 from joenet.model import UNet2d
 from joenet.model.blocks import ConvNeXtBlock, PreActResBlock
 from joenet.train import train
-from tests.conftest import compose_train, tiny_overrides
+from tests.helpers import compose_train, tiny_overrides
 
 QUIET = ["~logger", "~callbacks.validation_images", "~callbacks.lr_monitor"]
 

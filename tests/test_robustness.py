@@ -17,7 +17,7 @@ from joenet.checkpoint import AtomicCheckpointIO
 from joenet.lit_module import SegmentationLitModule
 from joenet.predict import predict_volume
 from joenet.train import train
-from tests.conftest import compose_train, tiny_overrides
+from tests.helpers import compose_train, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 

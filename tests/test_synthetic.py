@@ -200,6 +200,7 @@ def test_concurrent_ensure_generates_once(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert synthetic._is_complete(path, SHAPE, seed=0)
 
 
+@pytest.mark.slow  # a subprocess
 def test_lock_of_a_dead_process_is_broken(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from joenet.lit_module import SegmentationLitModule
 from joenet.train import train
-from tests.conftest import compose_train, tiny_overrides
+from tests.helpers import (
+    CaptureStartState,
+    assert_same_tensors,
+    compose_train,
+    tiny_overrides,
+)
 
 EXPERIMENTS = ["strided_down", "maxpool_down", "bilinear_up", "seed_literal"]
 
@@ -44,13 +52,26 @@ def _assert_run_dir(run_dir: Path) -> None:
     assert {"val/images_nuclei", "val/images_mito"} <= set(tags["images"])
 
 
+def trained_hparams(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_train_each_experiment(experiment: str, data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cfg = compose_train([f"experiment={experiment}", *tiny_overrides(data_dir, run_dir)])
     metrics = train(cfg)
     _assert_run_dir(run_dir)
-    assert 0.0 <= metrics["val/dice_mito"] <= 1.0
+    assert math.isfinite(metrics["val/loss"]) and 0.0 <= metrics["val/dice_mito"] <= 1.0
+    # Every parameter moved by more than weight decay alone would: a detached branch, a frozen
+    # optimizer or a zero learning rate leaves some tensor at its initial value.
+    L.seed_everything(cfg.seed, workers=True)  # as train() does before building the model
+    instantiate(cfg.data)
+    initial = instantiate(cfg.model).state_dict()
+    trained = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    trained = trained.get("current_model_state", trained["state_dict"])  # raw weights, not EMA
+    for name, _ in SegmentationLitModule(**dict(trained_hparams(run_dir))).named_parameters():
+        assert (trained[name] - initial[name]).abs().max() > 1e-5, f"{name} did not train"
     # The checkpoint alone rebuilds the model, and holds only tensors and primitives.
     checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["net"]["down"] == cfg.model.net.down
@@ -68,15 +89,29 @@ def test_train_each_experiment(experiment: str, data_dir: Path, tmp_path: Path) 
 
 
 def test_resume_from_last_checkpoint(cfg_tiny: DictConfig, data_dir: Path, tmp_path: Path) -> None:
+    from hydra.utils import instantiate
+
+    from joenet.train import _instantiate_all
+
     train(cfg_tiny)
     last = Path(cfg_tiny.paths.output_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
     resumed = compose_train(
-        [*tiny_overrides(data_dir, tmp_path / "resumed"), "trainer.max_epochs=3",
-         f"ckpt_path={last}"]
+        [*tiny_overrides(data_dir, tmp_path / "resumed"), "trainer.max_epochs=3", "~logger",
+         "~callbacks.lr_monitor", "~callbacks.validation_images"]
     )  # fmt: skip
-    train(resumed)
+    capture = CaptureStartState()
+    callbacks = [*_instantiate_all(resumed.callbacks), capture]
+    trainer = instantiate(resumed.trainer, callbacks=callbacks, logger=False)
+    trainer.fit(instantiate(resumed.model), datamodule=instantiate(resumed.data), ckpt_path=last)
+    # Training restarts from the saved raw weights (the EMA's average is in state_dict), the
+    # saved optimizer moments and the saved step, not from a fresh start.
+    assert_same_tensors(capture.captured["weights"], saved["current_model_state"], "weights")
+    assert_same_tensors(capture.captured["optimizer"], saved["optimizer_states"][0], "optimizer")
+    assert capture.captured["global_step"] == saved["global_step"] > 0
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["epoch"] == 2  # 2 epochs from the first run, 1 more after resuming
+    assert checkpoint["global_step"] == saved["global_step"] * 3 // 2
 
 
 def test_plateau_scheduler_and_mito_only_volume(cfg_tiny: DictConfig, tmp_path: Path) -> None:
@@ -124,6 +159,7 @@ def test_cli_multirun_from_another_directory(data_dir: Path, tmp_path: Path) -> 
     assert downs == [0, 1]
 
 
+@pytest.mark.slow  # a subprocess
 def test_unknown_experiment_is_a_clear_error(tmp_path: Path) -> None:
     result = _run_cli(["experiment=no_such_experiment"], cwd=tmp_path)
     assert result.returncode != 0
