@@ -38,9 +38,10 @@ train: $(STAMP) ## Train on the synthetic volume (CPU demo preset when there is 
 test: $(DEV_STAMP) lint ## Lint, then run the whole test suite (what CI runs)
 	$(PY) -m pytest $(ARGS)
 
-lint: $(DEV_STAMP) ## ruff lint and format check
+lint: $(DEV_STAMP) ## ruff lint and format check, mypy over src (settings: pyproject.toml)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
 
 format: $(DEV_STAMP) ## Format and autofix with ruff
 	$(VENV)/bin/ruff format src tests benchmarks

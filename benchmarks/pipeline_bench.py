@@ -33,10 +33,18 @@ from joenet.synthetic import ensure_synthetic_volume
 
 def make_data(args: argparse.Namespace, workers: int, augment: dict) -> EMDataModule:
     data = EMDataModule(
-        path=str(args.data), train_z=args.train_z, val_z=args.val_z, patch_size=args.patch_size,
-        batch_size=args.batch_size, patches_per_epoch=10**6, num_workers=workers, seed=0,
-        augment=augment, foreground_fraction=0.33, cache_bytes=0 if args.lazy else 2**30,
-    )  # fmt: skip
+        path=str(args.data),
+        train_z=args.train_z,
+        val_z=args.val_z,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        patches_per_epoch=10**6,
+        num_workers=workers,
+        seed=0,
+        augment=augment,
+        foreground_fraction=0.33,
+        cache_bytes=0 if args.lazy else 2**30,
+    )
     data.setup("fit")
     return data
 
@@ -48,8 +56,10 @@ def batches_per_s(data: EMDataModule, count: int, device: torch.device) -> tuple
     start = time.perf_counter()
     batches = [next(loader) for _ in range(count)]
     read_s = time.perf_counter() - start
-    on_device = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-                 for b in batches]  # fmt: skip
+    on_device = [
+        {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        for b in batches
+    ]
     params = [b.pop("augment_params") for b in on_device]
     data.augment.apply(on_device[0], params[0])
     start = time.perf_counter()
@@ -59,8 +69,9 @@ def batches_per_s(data: EMDataModule, count: int, device: torch.device) -> tuple
     return count / read_s, count / (time.perf_counter() - start)
 
 
-def training_s(data: EMDataModule | None, steps: int, args: argparse.Namespace,
-               device: torch.device) -> float:  # fmt: skip
+def training_s(
+    data: EMDataModule | None, steps: int, args: argparse.Namespace, device: torch.device
+) -> float:
     """Seconds per training step, fed by ``data`` (None: one fixed batch, no data work)."""
     torch.manual_seed(0)
     net = UNet2d().to(device)
@@ -107,28 +118,38 @@ def main() -> None:
             args.train_z, args.val_z = args.train_z or (0, 40), args.val_z or (40, 48)
         if args.train_z is None:  # e.g. Lucchi: 165 slices
             raise SystemExit("--train-z and --val-z are needed with --data")
-        print(f"{device} ({platform.processor() or platform.machine()}), torch "
-              f"{torch.__version__}, {torch.get_num_threads()} threads; {args.data.name}"
-              f"{' (lazy)' if args.lazy else ' (in memory)'}, batch {args.batch_size}, "
-              f"{args.patch_size} px")  # fmt: skip
-        augments = {"default (rotate, flip, brightness, contrast)": {},
-                    "+ elastic + noise": {"elastic": True, "noise": True}}  # fmt: skip
-        rates = {name: batches_per_s(make_data(args, 0, a), args.batches, device)
-                 for name, a in augments.items()}  # fmt: skip
+        print(
+            f"{device} ({platform.processor() or platform.machine()}), torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads; {args.data.name}"
+            f"{' (lazy)' if args.lazy else ' (in memory)'}, batch {args.batch_size}, "
+            f"{args.patch_size} px"
+        )
+        augments = {
+            "default (rotate, flip, brightness, contrast)": {},
+            "+ elastic + noise": {"elastic": True, "noise": True},
+        }
+        rates = {
+            name: batches_per_s(make_data(args, 0, a), args.batches, device)
+            for name, a in augments.items()
+        }
         model_s = training_s(None, args.steps, args, device)
         fed_s = training_s(make_data(args, 1, {}), args.steps, args, device)
     model_rate = args.batch_size / model_s
     print(f"\nmodel training step: {model_rate:.2f} patches/s\n")
-    print("| augmentation | read patches/s (1 core) | augment patches/s | read + augment "
-          "patches/s | x model's rate |")  # fmt: skip
+    print(
+        "| augmentation | read patches/s (1 core) | augment patches/s | read + augment "
+        "patches/s | x model's rate |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name, (read, augment) in rates.items():
         read, augment = read * args.batch_size, augment * args.batch_size
         both = 1 / (1 / read + 1 / augment)
         print(f"| {name} | {read:.0f} | {augment:.0f} | {both:.0f} | {both / model_rate:.0f}x |")
-    print(f"\nend to end (1 worker, default augmentation): {args.batch_size / fed_s:.2f} "
-          f"patches/s against {model_rate:.2f} on a fixed batch: "
-          f"{100 * max(fed_s - model_s, 0) / fed_s:.1f} % of the time spent on data")  # fmt: skip
+    print(
+        f"\nend to end (1 worker, default augmentation): {args.batch_size / fed_s:.2f} "
+        f"patches/s against {model_rate:.2f} on a fixed batch: "
+        f"{100 * max(fed_s - model_s, 0) / fed_s:.1f} % of the time spent on data"
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,12 @@ def _make_inputs(directory: Path, shape: tuple[int, int, int]) -> tuple[Path, Pa
     torch.manual_seed(0)
     module = SegmentationLitModule()
     ckpt = directory / "random.ckpt"
-    data_state = {"class_names": ["nuclei", "mito"], "patch_size": 256, "voxel_size_nm": [8, 8, 8],
-                  "normalization": {"kind": "dtype_range"}}  # fmt: skip
+    data_state = {
+        "class_names": ["nuclei", "mito"],
+        "patch_size": 256,
+        "voxel_size_nm": [8, 8, 8],
+        "normalization": {"kind": "dtype_range"},
+    }
     checkpoint = {
         "state_dict": module.state_dict(),
         "hyper_parameters": dict(module.hparams),
@@ -57,8 +61,9 @@ def _make_inputs(directory: Path, shape: tuple[int, int, int]) -> tuple[Path, Pa
     group = zarr.open_group(str(volume), mode="w")
     group.attrs["voxel_size_nm"] = [8, 8, 8]
     rng = np.random.default_rng(0)
-    group.create_array("raw", data=rng.integers(0, 256, shape, dtype=np.uint8),
-                       chunks=(1, 256, 256))  # fmt: skip
+    group.create_array(
+        "raw", data=rng.integers(0, 256, shape, dtype=np.uint8), chunks=(1, 256, 256)
+    )
     return ckpt, volume
 
 
@@ -92,10 +97,17 @@ def _run_joenet(ckpt: Path, volume: Path, args: argparse.Namespace, batch_size: 
     timer = _ForwardTimer(net)
     output = Path(tempfile.mkdtemp()) / "pred.zarr"
     start = time.perf_counter()
-    predict_volume(ckpt, volume, output, tile=args.tile, overlap=args.overlap,
-                   batch_size=batch_size, device="cpu", progress=False)  # fmt: skip
-    return {"seconds": time.perf_counter() - start, "forward": timer.seconds,
-            "tiles": timer.tiles}  # fmt: skip
+    predict_volume(
+        ckpt,
+        volume,
+        output,
+        tile=args.tile,
+        overlap=args.overlap,
+        batch_size=batch_size,
+        device="cpu",
+        progress=False,
+    )
+    return {"seconds": time.perf_counter() - start, "forward": timer.seconds, "tiles": timer.tiles}
 
 
 def _run_monai(ckpt: Path, volume: Path, args: argparse.Namespace, sw_batch_size: int) -> dict:
@@ -115,13 +127,15 @@ def _run_monai(ckpt: Path, volume: Path, args: argparse.Namespace, sw_batch_size
         for z in range(raw.shape[0]):
             image = torch.from_numpy(to_unit_range(raw[z]))[None, None]  # (1, 1, H, W)
             probs = sliding_window_inference(
-                image, roi_size=(args.tile, args.tile), sw_batch_size=sw_batch_size,
-                predictor=lambda x: net(x).sigmoid(), overlap=args.overlap / args.tile,
+                image,
+                roi_size=(args.tile, args.tile),
+                sw_batch_size=sw_batch_size,
+                predictor=lambda x: net(x).sigmoid(),
+                overlap=args.overlap / args.tile,
                 mode="gaussian",
-            )  # fmt: skip
+            )
             out[:, z] = (probs[0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-    return {"seconds": time.perf_counter() - start, "forward": timer.seconds,
-            "tiles": timer.tiles}  # fmt: skip
+    return {"seconds": time.perf_counter() - start, "forward": timer.seconds, "tiles": timer.tiles}
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -154,8 +168,12 @@ def main() -> None:
         _child(args)
         return
     batch = args.batch_size
-    sides = ["joenet:batch=default", "monai:batch=default", f"joenet:batch={batch}",
-             f"monai:batch={batch}"]  # fmt: skip
+    sides = [
+        "joenet:batch=default",
+        "monai:batch=default",
+        f"joenet:batch={batch}",
+        f"monai:batch={batch}",
+    ]
     try:
         import monai  # noqa: F401
     except ImportError:
@@ -167,25 +185,45 @@ def main() -> None:
         ckpt, volume = _make_inputs(Path(tmp), tuple(args.shape))
         results: dict[str, dict] = {}
         for side in [side for _ in range(args.repeat) for side in sides]:  # interleaved
-            command = [sys.executable, __file__, "--side", side, "--ckpt", str(ckpt),
-                       "--volume", str(volume), "--tile", str(args.tile), "--overlap",
-                       str(args.overlap), "--batch-size", str(args.batch_size),
-                       "--threads", str(args.threads)]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--side",
+                side,
+                "--ckpt",
+                str(ckpt),
+                "--volume",
+                str(volume),
+                "--tile",
+                str(args.tile),
+                "--overlap",
+                str(args.overlap),
+                "--batch-size",
+                str(args.batch_size),
+                "--threads",
+                str(args.threads),
+            ]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode:
                 raise RuntimeError(f"{side} failed:\n{done.stderr[-3000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             if side not in results or result["seconds"] < results[side]["seconds"]:
                 results[side] = result  # the fastest repeat: the least disturbed by other load
-    print(f"volume {tuple(args.shape)} uint8, tile {args.tile}, overlap {args.overlap}, "
-          f"{torch.get_num_threads()} torch threads; default batch: joenet 1 on a CPU, "
-          "MONAI sw_batch_size=1")  # fmt: skip
-    print(f"1-min load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
-          f"({os.cpu_count()} CPUs; other processes slow both sides)")  # fmt: skip
+    print(
+        f"volume {tuple(args.shape)} uint8, tile {args.tile}, overlap {args.overlap}, "
+        f"{torch.get_num_threads()} torch threads; default batch: joenet 1 on a CPU, "
+        "MONAI sw_batch_size=1"
+    )
+    print(
+        f"1-min load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+        f"({os.cpu_count()} CPUs; other processes slow both sides)"
+    )
     print(f"{'side':<26}{'s':>8}{'Mvox/s':>9}{'tiles':>7}{'forward %':>11}{'peak RSS MiB':>14}")
     for side, r in results.items():
-        print(f"{side:<26}{r['seconds']:>8.1f}{voxels / r['seconds'] / 1e6:>9.3f}{r['tiles']:>7}"
-              f"{100 * r['forward'] / r['seconds']:>11.1f}{r['peak_rss_mib']:>14.0f}")  # fmt: skip
+        print(
+            f"{side:<26}{r['seconds']:>8.1f}{voxels / r['seconds'] / 1e6:>9.3f}{r['tiles']:>7}"
+            f"{100 * r['forward'] / r['seconds']:>11.1f}{r['peak_rss_mib']:>14.0f}"
+        )
     for joenet_side, monai_side in zip(sides[::2], sides[1::2], strict=False):
         ratio = results[monai_side]["seconds"] / results[joenet_side]["seconds"]
         print(f"{joenet_side} throughput / {monai_side}: {ratio:.2f}x")

@@ -45,31 +45,43 @@ EMA = ["callbacks.ema={_target_:joenet.callbacks.EMA,decay:0.995}"]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "seed": ("the seed's recipe (BN + GELU on the raw image, lr 1e-3, no warm-up)", SEED),
     "stem": ("plain conv on the raw image (`model.net.input_norm=false`)", STEM),
-    "zero_init": ("+ zero-initialised residual branches",
-                  [*STEM, "model.net.zero_init_residual=true"]),
-    "no_decay_norm": ("+ no weight decay on norms and biases",
-                      [*STEM, "model.decay_norm_and_bias=false"]),
+    "zero_init": (
+        "+ zero-initialised residual branches",
+        [*STEM, "model.net.zero_init_residual=true"],
+    ),
+    "no_decay_norm": (
+        "+ no weight decay on norms and biases",
+        [*STEM, "model.decay_norm_and_bias=false"],
+    ),
     "warmup": ("+ 5 % linear warm-up", [*STEM, "model.warmup=0.05"]),
     "lr2e-3": ("+ lr 2e-3 with 5 % warm-up", [*STEM, "model.lr=2e-3", "model.warmup=0.05"]),
     "lr3e-3": ("+ lr 3e-3 with 5 % warm-up", [*STEM, "model.lr=3e-3", "model.warmup=0.05"]),
     "ema": ("+ weight EMA (decay 0.995, warmed up)", [*STEM, *EMA]),
     "micro2": ("+ micro-batches of 2 accumulated to 4 (BN sees 2 patches)", [*STEM, *MICRO]),
-    "micro2_group": ("+ micro-batches of 2 with GroupNorm",
-                     [*STEM, *MICRO, "model.net.norm=group"]),
-    "fg0.5": ("+ half the windows centred on a mitochondrion (0.33 before)",
-              [*STEM, "data.foreground_fraction=0.5"]),
+    "micro2_group": (
+        "+ micro-batches of 2 with GroupNorm",
+        [*STEM, *MICRO, "model.net.norm=group"],
+    ),
+    "fg0.5": (
+        "+ half the windows centred on a mitochondrion (0.33 before)",
+        [*STEM, "data.foreground_fraction=0.5"],
+    ),
     "dice2": ("+ Dice weighted 2 (BCE 1)", [*STEM, "model.dice_weight=2.0"]),
-    "narrow": ("+ BasicUNet's widths 32-32-64-128-256 (5 levels, fewer FLOPs)",
-               [*STEM, "model.net.channels=[32,32,64,128,256]"]),
+    "narrow": (
+        "+ BasicUNet's widths 32-32-64-128-256 (5 levels, fewer FLOPs)",
+        [*STEM, "model.net.channels=[32,32,64,128,256]"],
+    ),
     "recipe": ("joenet's default recipe (stem + narrow + lr 2e-3 with warm-up + EMA)", []),
     "recipe_instance": ("default with InstanceNorm (BasicUNet's)", ["model.net.norm=instance"]),
     "recipe_leaky": ("default with LeakyReLU (BasicUNet's)", ["model.net.activation=leaky_relu"]),
     "recipe_maxpool": ("default with max-pool down (BasicUNet's)", ["model.net.down=maxpool"]),
     "recipe_lr1e-3": ("default with lr 1e-3", ["model.lr=1e-3"]),
     "recipe_lr3e-3": ("default with lr 3e-3", ["model.lr=3e-3"]),
-    "recipe_fg0": ("default with uniform windows (no foreground centring)",
-                   ["data.foreground_fraction=0.0"]),
-}  # fmt: skip
+    "recipe_fg0": (
+        "default with uniform windows (no foreground centring)",
+        ["data.foreground_fraction=0.0"],
+    ),
+}
 
 
 def compose(overrides: list[str], conf: Path) -> DictConfig:
@@ -87,16 +99,30 @@ def compose(overrides: list[str], conf: Path) -> DictConfig:
 def base_overrides(data: Path, patches: int, out_dir: Path) -> list[str]:
     """What every row shares: Lucchi, 128 px, 4 patches per step, a horizon of ``patches``."""
     return [
-        "data=lucchi", f"paths.data_dir={data.parent}", f"data.path={data}",
-        f"paths.output_dir={out_dir}", "trainer=cpu", "data.patch_size=128",
-        "data.batch_size=4", "trainer.accumulate_grad_batches=1", "data.num_workers=0",
-        "data.patches_per_epoch=1000000", "trainer.max_epochs=-1",
-        f"+trainer.max_steps={patches // 4}", "+trainer.limit_val_batches=0",
-        "~logger", "~callbacks.validation_images", "~callbacks.model_checkpoint",
-        "~callbacks.last_checkpoint", "~callbacks.early_stopping", "~callbacks.lr_monitor",
-        "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
-        "+trainer.num_sanity_val_steps=0", "+trainer.enable_checkpointing=false",
-    ]  # fmt: skip
+        "data=lucchi",
+        f"paths.data_dir={data.parent}",
+        f"data.path={data}",
+        f"paths.output_dir={out_dir}",
+        "trainer=cpu",
+        "data.patch_size=128",
+        "data.batch_size=4",
+        "trainer.accumulate_grad_batches=1",
+        "data.num_workers=0",
+        "data.patches_per_epoch=1000000",
+        "trainer.max_epochs=-1",
+        f"+trainer.max_steps={patches // 4}",
+        "+trainer.limit_val_batches=0",
+        "~logger",
+        "~callbacks.validation_images",
+        "~callbacks.model_checkpoint",
+        "~callbacks.last_checkpoint",
+        "~callbacks.early_stopping",
+        "~callbacks.lr_monitor",
+        "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        "+trainer.num_sanity_val_steps=0",
+        "+trainer.enable_checkpointing=false",
+    ]
 
 
 def run_row(overrides: list[str], conf: Path) -> tuple[torch.nn.Module, float]:
@@ -110,8 +136,9 @@ def run_row(overrides: list[str], conf: Path) -> tuple[torch.nn.Module, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
-                          logger=False)  # fmt: skip
+    trainer = instantiate(
+        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=False
+    )
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     return model.net, time.perf_counter() - start  # EMA: copied into the model at train end
@@ -127,11 +154,15 @@ def flops_by_part(size: int = 128) -> str:
     nets = {
         "joenet 32-64-128-256": UNet2d(),
         "joenet 32-32-64-128-256": UNet2d(channels=(32, 32, 64, 128, 256)),
-        "MONAI BasicUNet": BasicUNet(spatial_dims=2, in_channels=1, out_channels=2,
-                                     features=(32, 32, 64, 128, 256, 32)),
-    }  # fmt: skip
-    lines = [f"\nForward GFLOPs per {size} px patch, by part (finest level first)\n",
-             "| network | total | parts |", "|---|---:|---|"]  # fmt: skip
+        "MONAI BasicUNet": BasicUNet(
+            spatial_dims=2, in_channels=1, out_channels=2, features=(32, 32, 64, 128, 256, 32)
+        ),
+    }
+    lines = [
+        f"\nForward GFLOPs per {size} px patch, by part (finest level first)\n",
+        "| network | total | parts |",
+        "|---|---:|---|",
+    ]
     for name, net in nets.items():
         with FlopCounterMode(display=False, depth=3) as counter:
             net(torch.rand(1, 1, size, size))
@@ -151,8 +182,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--patches", type=int, default=1200)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=[*ROWS, "custom"])
-    parser.add_argument("--custom", nargs="*", default=[],
-                        help="overrides of the 'custom' row, on top of the default")  # fmt: skip
+    parser.add_argument(
+        "--custom",
+        nargs="*",
+        default=[],
+        help="overrides of the 'custom' row, on top of the default",
+    )
     parser.add_argument("--out", type=Path, default=Path("recipe_ablation"))
     parser.add_argument("--flops", action="store_true", help="only the FLOPs table")
     args = parser.parse_args()
@@ -179,9 +214,16 @@ def main() -> None:
             overrides = [*base_overrides(args.data, args.patches, Path(tmp)), *extra]
             net, seconds = run_row(overrides, conf)
         iou = mito_iou(net, images, masks)
-        results.append({"row": name, "change": label, "overrides": " ".join(extra),
-                        "patches": args.patches, "val_iou": round(iou, 4),
-                        "patches_per_s": round(args.patches / seconds, 2)})  # fmt: skip
+        results.append(
+            {
+                "row": name,
+                "change": label,
+                "overrides": " ".join(extra),
+                "patches": args.patches,
+                "val_iou": round(iou, 4),
+                "patches_per_s": round(args.patches / seconds, 2),
+            }
+        )
         print(f"| {name} | {label} | {iou:.3f} | {args.patches / seconds:.2f} |", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out.with_suffix(".csv"), "w", newline="") as f:  # after every row

@@ -44,8 +44,13 @@ from torch import nn
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lucchi_train.zarr"
 TRAIN_Z, VAL_Z = (0, 132), (132, 165)
-PLAIN_RECIPE = ["model.lr=1e-3", "model.weight_decay=1e-4", "model.decay_norm_and_bias=true",
-                "model.warmup=0.0", "model.scheduler=cosine"]  # and no EMA callback  # fmt: skip
+PLAIN_RECIPE = [
+    "model.lr=1e-3",
+    "model.weight_decay=1e-4",
+    "model.decay_norm_and_bias=true",
+    "model.warmup=0.0",
+    "model.scheduler=cosine",
+]  # and no EMA callback
 
 
 def load_validation(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +94,10 @@ def peers() -> dict[str, Callable[[], nn.Module]]:
             in_channels=1, out_channels=2, depth=3, initial_features=32
         )
     except Exception as err:  # not installed, or its module failing to import
-        print(f"torch-em skipped ({type(err).__name__}: {str(err)[:80]}); "
-              "pip install --no-deps torch-em")  # fmt: skip
+        print(
+            f"torch-em skipped ({type(err).__name__}: {str(err)[:80]}); "
+            "pip install --no-deps torch-em"
+        )
     return table
 
 
@@ -112,10 +119,18 @@ class EvaluateWithClockStopped(L.Callback):
         ema = next((c for c in trainer.callbacks if hasattr(c, "_average_model")), None)
         net = ema._average_model.module.net if ema and ema._average_model else pl_module.net
         iou = mito_iou(net, *self.val)
-        self.curve.append({"model": self.name, "train_s": round(elapsed, 1),
-                           "patches": self.patches, "val_iou": round(iou, 4)})  # fmt: skip
-        print(f"{self.name}: {elapsed / 60:5.1f} min, {self.patches} patches, "
-              f"val mito IoU {iou:.3f}", flush=True)  # fmt: skip
+        self.curve.append(
+            {
+                "model": self.name,
+                "train_s": round(elapsed, 1),
+                "patches": self.patches,
+                "val_iou": round(iou, 4),
+            }
+        )
+        print(
+            f"{self.name}: {elapsed / 60:5.1f} min, {self.patches} patches, val mito IoU {iou:.3f}",
+            flush=True,
+        )
         # The clock does not run while evaluating: move the Timer's start by the pause.
         timer._start_time[RunningStage.TRAINING] += time.monotonic() - paused
 
@@ -132,9 +147,12 @@ class EvaluateWithClockStopped(L.Callback):
 
 
 def train_one(
-    name: str, overrides: list[str], make_net: Callable[[], nn.Module] | None, args: Any,
+    name: str,
+    overrides: list[str],
+    make_net: Callable[[], nn.Module] | None,
+    args: Any,
     quick: tuple[torch.Tensor, torch.Tensor],
-) -> tuple[list[dict[str, Any]], nn.Module]:  # fmt: skip
+) -> tuple[list[dict[str, Any]], nn.Module]:
     """Train through joenet's path for the budget; the curve and the final network.
 
     ``make_net``: a peer network to train in joenet's place, with the plain recipe.
@@ -148,15 +166,29 @@ def train_one(
 
     with tempfile.TemporaryDirectory() as tmp:
         budget = f"00:00:{int(args.minutes):02d}:{round(60 * (args.minutes % 1)):02d}"
-        cfg = compose([
-            "data=lucchi", f"paths.data_dir={args.data.parent}", f"paths.output_dir={tmp}",
-            f"trainer.max_time={budget}", "trainer.max_epochs=-1", "data.num_workers=0",
-            "+trainer.limit_val_batches=0", "+trainer.num_sanity_val_steps=0",
-            "+trainer.enable_checkpointing=false", "+trainer.enable_progress_bar=false",
-            "+trainer.enable_model_summary=false", "~logger", "~callbacks.validation_images",
-            "~callbacks.model_checkpoint", "~callbacks.last_checkpoint",
-            "~callbacks.early_stopping", "~callbacks.lr_monitor", *overrides,
-        ], config_dir())  # fmt: skip
+        cfg = compose(
+            [
+                "data=lucchi",
+                f"paths.data_dir={args.data.parent}",
+                f"paths.output_dir={tmp}",
+                f"trainer.max_time={budget}",
+                "trainer.max_epochs=-1",
+                "data.num_workers=0",
+                "+trainer.limit_val_batches=0",
+                "+trainer.num_sanity_val_steps=0",
+                "+trainer.enable_checkpointing=false",
+                "+trainer.enable_progress_bar=false",
+                "+trainer.enable_model_summary=false",
+                "~logger",
+                "~callbacks.validation_images",
+                "~callbacks.model_checkpoint",
+                "~callbacks.last_checkpoint",
+                "~callbacks.early_stopping",
+                "~callbacks.lr_monitor",
+                *overrides,
+            ],
+            config_dir(),
+        )
         if make_net is not None:
             with open_dict(cfg):
                 cfg.callbacks.pop("ema", None)
@@ -184,11 +216,20 @@ def plot(curves: dict[str, list[dict]], target: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, curve in curves.items():
-        ax.plot([r["train_s"] / 60 for r in curve], [r["val_iou"] for r in curve], "o-",
-                markersize=3, label=name)  # fmt: skip
+        ax.plot(
+            [r["train_s"] / 60 for r in curve],
+            [r["val_iou"] for r in curve],
+            "o-",
+            markersize=3,
+            label=name,
+        )
     ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"IoU {target}")
-    ax.set(xlabel="training wall time (min)", ylabel="val mito IoU (every 8th slice)",
-           title="Lucchi, same patches, same budget, 2-core CPU", ylim=(0, 1))  # fmt: skip
+    ax.set(
+        xlabel="training wall time (min)",
+        ylabel="val mito IoU (every 8th slice)",
+        title="Lucchi, same patches, same budget, 2-core CPU",
+        ylim=(0, 1),
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -201,10 +242,12 @@ def main() -> None:
     parser.add_argument("--eval-every", type=float, default=60.0, help="seconds of training")
     parser.add_argument("--target", type=float, default=0.80)
     parser.add_argument("--out", type=Path, default=Path("time_to_accuracy"))
-    parser.add_argument("--models", nargs="+", default=["joenet", "MONAI BasicUNet",
-                        "torch-em UNet2d"])  # fmt: skip
-    parser.add_argument("--joenet", nargs="*", default=[],
-                        help="extra Hydra overrides of joenet's run (a variant)")  # fmt: skip
+    parser.add_argument(
+        "--models", nargs="+", default=["joenet", "MONAI BasicUNet", "torch-em UNet2d"]
+    )
+    parser.add_argument(
+        "--joenet", nargs="*", default=[], help="extra Hydra overrides of joenet's run (a variant)"
+    )
     args = parser.parse_args()
     if not (args.data / "raw").exists():
         print(f"skipped: {args.data} not found (the Lucchi volume of ../shared/data; see --data)")
@@ -216,8 +259,10 @@ def main() -> None:
     torch.set_flush_denormal(True)
     val = load_validation(args.data)
     quick = (val[0][::8], val[1][::8])
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.minutes:g} min each")  # fmt: skip
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {args.minutes:g} min each"
+    )
     runs: dict[str, tuple[list[str], Callable[[], nn.Module] | None]] = {
         "joenet": (args.joenet, None),
         **{name: (PLAIN_RECIPE, make) for name, make in peers().items()},
@@ -248,8 +293,10 @@ def main() -> None:
         values = [r["val_iou"] for r in curve]
         start = next((i for i, v in enumerate(values) if v >= 0.70), len(values))
         drops = [a - b for a, b in zip(values[start:], values[start + 1 :], strict=False)]
-        lines.append(f"| {name} | {curve[-1]['patches']} | {when} | {max(values):.3f} "
-                     f"| {max([0.0, *drops]):.3f} | {final[name]:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {curve[-1]['patches']} | {when} | {max(values):.3f} "
+            f"| {max([0.0, *drops]):.3f} | {final[name]:.3f} |"
+        )
     table = "\n".join(lines)
     print("\n" + table)
     args.out.with_suffix(".md").write_text(table + "\n")

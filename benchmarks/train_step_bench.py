@@ -148,9 +148,13 @@ def rows(quick: bool, micro_batch: int) -> list[Row]:
             Row(f"{joenet}, foreach AdamW", UNet2d, fused=False),
             Row(f"{joenet}, channels_last", UNet2d, channels_last=True),
             Row(f"{joenet}, torch.compile", UNet2d, compile=True),
-            Row(f"{joenet}, micro-batch {micro_batch}, torch.compile", UNet2d, micro_batch,
-                compile=True),
-        ]  # fmt: skip
+            Row(
+                f"{joenet}, micro-batch {micro_batch}, torch.compile",
+                UNet2d,
+                micro_batch,
+                compile=True,
+            ),
+        ]
     try:
         from monai.networks.nets import BasicUNet
 
@@ -176,8 +180,10 @@ def rows(quick: bool, micro_batch: int) -> list[Row]:
             Row(f"torch-em UNet2d, micro-batch {micro_batch}", torch_em_net, micro_batch),
         ]
     except Exception as err:  # not installed, or its module failing to import
-        print(f"torch-em skipped ({type(err).__name__}: {str(err)[:100]}); "
-              "pip install --no-deps torch-em")  # fmt: skip
+        print(
+            f"torch-em skipped ({type(err).__name__}: {str(err)[:100]}); "
+            "pip install --no-deps torch-em"
+        )
     return table
 
 
@@ -192,9 +198,11 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = matmul_peak(device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
-    print(f"{device} ({where or platform.machine()}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s; "
-          f"batch {args.batch_size}, {args.patch_size} px, {args.steps} timed steps")  # fmt: skip
+    print(
+        f"{device} ({where or platform.machine()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s; "
+        f"batch {args.batch_size}, {args.patch_size} px, {args.steps} timed steps"
+    )
     results = {}
     for row in rows(args.quick, args.micro_batch):
         results[row.name] = measure(row, args.batch_size, args.patch_size, args.steps, device)
@@ -206,10 +214,12 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {r['params']:,} | {r['train_gflop']:.1f} | {r['train_patches_s']:.2f} "
-              f"| {100 * r['train_gflop_s'] / peak:.0f} % | {r['infer_patches_s']:.2f} "
-              f"| {100 * r['infer_gflop_s'] / peak:.0f} % | {r['first_step_s']:.1f} "
-              f"| {r['train_patches_s'] / base['train_patches_s']:.2f}x |")  # fmt: skip
+        print(
+            f"| {name} | {r['params']:,} | {r['train_gflop']:.1f} | {r['train_patches_s']:.2f} "
+            f"| {100 * r['train_gflop_s'] / peak:.0f} % | {r['infer_patches_s']:.2f} "
+            f"| {100 * r['infer_gflop_s'] / peak:.0f} % | {r['first_step_s']:.1f} "
+            f"| {r['train_patches_s'] / base['train_patches_s']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

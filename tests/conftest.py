@@ -33,8 +33,13 @@ def ckpt_path(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from joenet.train import train
 
     run_dir = tmp_path_factory.mktemp("predict_run")
-    overrides = [*tiny_overrides(data_dir, run_dir), "trainer.max_epochs=1", "~logger",
-                 "~callbacks.validation_images", "~callbacks.lr_monitor"]  # fmt: skip
+    overrides = [
+        *tiny_overrides(data_dir, run_dir),
+        "trainer.max_epochs=1",
+        "~logger",
+        "~callbacks.validation_images",
+        "~callbacks.lr_monitor",
+    ]
     train(compose_train(overrides))
     return run_dir / "checkpoints" / "last.ckpt"
 

@@ -75,10 +75,20 @@ def test_old_prediction_resumes_as_complete(tmp_path: Path) -> None:
     shutil.copytree(FIXTURES / "prob.zarr", copy)
     before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     result = subprocess.run(
-        [sys.executable, "-m", "joenet.predict", f"ckpt_path={CKPT}", f"input={VOLUME}",
-         f"output={copy}", *PREDICT_ARGS, f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "joenet.predict",
+            f"ckpt_path={CKPT}",
+            f"input={VOLUME}",
+            f"output={copy}",
+            *PREDICT_ARGS,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "0 to predict" in result.stderr + result.stdout
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before

@@ -33,8 +33,14 @@ def test_data_configs_instantiate(data: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("experiment", _options("experiment"))
 @pytest.mark.parametrize("trainer", _options("trainer"))
 def test_experiments_and_trainers_compose(experiment: str, trainer: str, tmp_path: Path) -> None:
-    cfg = compose_train([f"experiment={experiment}", f"trainer={trainer}", "preset=cpu_demo",
-                         f"paths.output_dir={tmp_path}"])  # fmt: skip
+    cfg = compose_train(
+        [
+            f"experiment={experiment}",
+            f"trainer={trainer}",
+            "preset=cpu_demo",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
     model = instantiate(cfg.model)
     assert isinstance(model, SegmentationLitModule)
     assert cfg.trainer.precision in ("32-true", "bf16-mixed", "16-mixed")

@@ -36,11 +36,21 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 def _predict_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "joenet.predict", *args, f"paths.log_dir={cwd / 'logs'}",
-         "progress=false", "device=cpu"],
-        capture_output=True, text=True, timeout=300, cwd=cwd,
+        [
+            sys.executable,
+            "-m",
+            "joenet.predict",
+            *args,
+            f"paths.log_dir={cwd / 'logs'}",
+            "progress=false",
+            "device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )  # fmt: skip
+    )
 
 
 def _one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -66,8 +76,9 @@ def test_output_that_is_the_input_is_refused_with_overwrite_too(
     cell = _copy_volume(volume_path, tmp_path / "cell.zarr")
     before = _snapshot(cell)
     # The reported case, through the real command: raw and labels were deleted.
-    result = _predict_cli(tmp_path, f"ckpt_path={ckpt_path}", f"input={cell}", f"output={cell}",
-                          "overwrite=true")  # fmt: skip
+    result = _predict_cli(
+        tmp_path, f"ckpt_path={ckpt_path}", f"input={cell}", f"output={cell}", "overwrite=true"
+    )
     line = _one_error_line(result)
     assert "is the input" in line and "overwrite" not in line  # no advice into the loss
     assert _snapshot(cell) == before
@@ -115,8 +126,13 @@ def test_a_folder_of_user_files_survives_every_prediction_option(
     a_file = tmp_path / "table.csv"
     a_file.write_text("z,count\n0,3\n")
     targets = {path: _snapshot(path) for path in (folder, other_zarr, a_file)}
-    result = _predict_cli(tmp_path, f"ckpt_path={ckpt_path}", f"input={volume_path}",
-                          f"output={folder}", "overwrite=true")  # fmt: skip
+    result = _predict_cli(
+        tmp_path,
+        f"ckpt_path={ckpt_path}",
+        f"input={volume_path}",
+        f"output={folder}",
+        "overwrite=true",
+    )
     line = _one_error_line(result)
     assert "is not a joenet prediction" in line and "notes.txt" in line
     assert "overwrite" not in line
@@ -234,8 +250,14 @@ def test_prediction_reads_uint16_and_float_raw_by_their_real_range(
 
 def test_training_reads_raw_by_its_real_range(volume_path: Path, tmp_path: Path) -> None:
     raw = zarr.open_group(str(volume_path), mode="r")["raw"][...]
-    options = {"train_z": (0, 8), "val_z": (8, 12), "patch_size": 32, "batch_size": 2,
-               "patches_per_epoch": 4, "num_workers": 0}  # fmt: skip
+    options = {
+        "train_z": (0, 8),
+        "val_z": (8, 12),
+        "patch_size": 32,
+        "batch_size": 2,
+        "patches_per_epoch": 4,
+        "num_workers": 0,
+    }
 
     def first_patch(path: Path) -> tuple[np.ndarray, dict]:
         data = EMDataModule(path=str(path), **options)

@@ -11,8 +11,14 @@ from joenet.volume import VolumeError
 
 
 def _datamodule(volume_path: Path, **kwargs) -> EMDataModule:
-    defaults = dict(train_z=(0, 8), val_z=(8, 12), patch_size=32, batch_size=4,
-                    patches_per_epoch=8, num_workers=0)  # fmt: skip
+    defaults = dict(
+        train_z=(0, 8),
+        val_z=(8, 12),
+        patch_size=32,
+        batch_size=4,
+        patches_per_epoch=8,
+        num_workers=0,
+    )
     return EMDataModule(str(volume_path), **{**defaults, **kwargs})
 
 

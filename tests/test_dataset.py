@@ -99,12 +99,17 @@ def test_shard_sampler_splits_without_duplicates() -> None:
 def test_spawn_workers_read_the_same_samples(volume: ZarrVolume) -> None:
     dataset = RandomPatchDataset([Region(volume, 0, 8)], window=32, patches_per_epoch=4, seed=3)
     loader = DataLoader(
-        dataset, batch_size=2, sampler=ShardSampler(4), num_workers=1,
+        dataset,
+        batch_size=2,
+        sampler=ShardSampler(4),
+        num_workers=1,
         multiprocessing_context="spawn",
-    )  # fmt: skip
+    )
     batches = list(loader)
-    assert torch.equal(torch.cat([b["position"] for b in batches]),
-                       torch.stack([dataset[i]["position"] for i in range(4)]))  # fmt: skip
+    assert torch.equal(
+        torch.cat([b["position"] for b in batches]),
+        torch.stack([dataset[i]["position"] for i in range(4)]),
+    )
     assert torch.equal(batches[0]["image"][1], dataset[1]["image"])
 
 

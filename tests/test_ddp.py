@@ -21,16 +21,22 @@ def test_two_process_ddp(data_dir: Path, tmp_path: Path) -> None:
     run_dir, records = tmp_path / "run", tmp_path / "records"
     overrides = [
         *(o for o in tiny_overrides(data_dir, run_dir) if not o.startswith("trainer=")),
-        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
         f"hydra.run.dir={tmp_path / 'hydra'}",
         "+callbacks.record._target_=tests.helpers.RecordSamples",
         f"+callbacks.record.out_dir={records}",
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
         [sys.executable, "-m", "joenet.train", *overrides],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((records / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]

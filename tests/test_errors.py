@@ -51,41 +51,59 @@ def _mito() -> np.ndarray:
 
 
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
-    "missing path": (lambda tmp: ["data.path=" + str(tmp / "nope.zarr")],
-                     r"nope\.zarr: no such file or directory \(expected a zarr group\)"),
+    "missing path": (
+        lambda tmp: ["data.path=" + str(tmp / "nope.zarr")],
+        r"nope\.zarr: no such file or directory \(expected a zarr group\)",
+    ),
     "not a zarr": (lambda tmp: [f"data.path={tmp}"], r"not a zarr group"),
-    "no raw array": (
-        lambda tmp: [f"data.path={_volume_without_raw(tmp)}"], r"no 'raw' array"),
+    "no raw array": (lambda tmp: [f"data.path={_volume_without_raw(tmp)}"], r"no 'raw' array"),
     "labels shaped unlike raw": (
         lambda tmp: [f"data.path={_volume(tmp / 'v.zarr', _good_raw(), mito=_mito()[:, :90])}"],
-        r"v\.zarr/labels/mito: shape \(12, 90, 96\) differs from raw \(12, 96, 96\)"),
+        r"v\.zarr/labels/mito: shape \(12, 90, 96\) differs from raw \(12, 96, 96\)",
+    ),
     "label values not 0/1": (
         lambda tmp: [f"data.path={_volume(tmp / 'v.zarr', _good_raw(), mito=_mito() * 255)}"],
         r"labels/mito: values \[0, 255\] in slice z=0, expected a 0/1 mask\. Convert .*"
-        r"joenet\.data\.convert .*--label-mode auto"),
+        r"joenet\.data\.convert .*--label-mode auto",
+    ),
     "unsupported dtype": (
         lambda tmp: [f"data.path={_volume(tmp / 'v.zarr', _good_raw().astype(np.int64))}"],
-        r"raw: unsupported dtype int64"),
-    "z range out of bounds": (lambda tmp: ["data.val_z=[8,13]"],
-                              r"data\.val_z=\[8, 13\] must be \[start, stop\).*12 slices"),
+        r"raw: unsupported dtype int64",
+    ),
+    "z range out of bounds": (
+        lambda tmp: ["data.val_z=[8,13]"],
+        r"data\.val_z=\[8, 13\] must be \[start, stop\).*12 slices",
+    ),
     "z range empty": (lambda tmp: ["data.train_z=[4,4]"], r"data\.train_z=\[4, 4\] must be"),
-    "z ranges overlap": (lambda tmp: ["data.train_z=[0,10]"],
-                         r"data\.train_z \[0, 10\] and data\.val_z \[8, 12\] overlap"),
-    "patch larger than the volume": (lambda tmp: ["data.patch_size=128"],
-                                     r"slices are 96x96 px but training reads 18[0-9]x18[0-9]"),
-    "misspelt model key": (lambda tmp: ["+model.net.chanels=[4,8,16,32]"],
-                           r"unexpected keyword argument 'chanels': check the spelling"),
+    "z ranges overlap": (
+        lambda tmp: ["data.train_z=[0,10]"],
+        r"data\.train_z \[0, 10\] and data\.val_z \[8, 12\] overlap",
+    ),
+    "patch larger than the volume": (
+        lambda tmp: ["data.patch_size=128"],
+        r"slices are 96x96 px but training reads 18[0-9]x18[0-9]",
+    ),
+    "misspelt model key": (
+        lambda tmp: ["+model.net.chanels=[4,8,16,32]"],
+        r"unexpected keyword argument 'chanels': check the spelling",
+    ),
     "nan in raw": (
         lambda tmp: [f"data.path={_volume(tmp / 'v.zarr', _nan_raw(), mito=_mito())}"],
-        r"v\.zarr/raw: NaN or Inf in raw slice z=\d+"),
-    "corrupt chunk": (lambda tmp: [f"data.path={_corrupt_volume(tmp)}"],
-                      r"v\.zarr(/raw)?: cannot (read slice|load its arrays).*chunk is corrupt"),
+        r"v\.zarr/raw: NaN or Inf in raw slice z=\d+",
+    ),
+    "corrupt chunk": (
+        lambda tmp: [f"data.path={_corrupt_volume(tmp)}"],
+        r"v\.zarr(/raw)?: cannot (read slice|load its arrays).*chunk is corrupt",
+    ),
     "incompatible init_from checkpoint": (
         lambda tmp: [f"init_from={_checkpoint_of_other_model(tmp)}"],
-        r"init_from=.*other\.ckpt: its weights do not fit model\.net="),
-    "missing init_from checkpoint": (lambda tmp: [f"init_from={tmp / 'gone.ckpt'}"],
-                                     r"init_from=.*gone\.ckpt: no such checkpoint file"),
-}  # fmt: skip
+        r"init_from=.*other\.ckpt: its weights do not fit model\.net=",
+    ),
+    "missing init_from checkpoint": (
+        lambda tmp: [f"init_from={tmp / 'gone.ckpt'}"],
+        r"init_from=.*gone\.ckpt: no such checkpoint file",
+    ),
+}
 
 
 def _volume_without_raw(tmp: Path) -> str:
@@ -134,9 +152,12 @@ def test_bad_input_gives_one_clear_line(
 def _cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "joenet.train", f"paths.log_dir={cwd / 'logs'}", *args],
-        cwd=cwd, capture_output=True, text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", **env}, timeout=300,
-    )  # fmt: skip
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **env},
+        timeout=300,
+    )
 
 
 @pytest.mark.slow  # a subprocess

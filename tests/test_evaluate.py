@@ -30,8 +30,12 @@ from joenet.evaluate import (
 )
 
 # Minimal NGFF attributes, as joenet.predict writes them beside the per-class arrays.
-_OME = {"ome": {"version": "0.5", "multiscales": [{"axes": [{"name": a, "type": "space"}
-                                                            for a in "zyx"]}]}}  # fmt: skip
+_OME = {
+    "ome": {
+        "version": "0.5",
+        "multiscales": [{"axes": [{"name": a, "type": "space"} for a in "zyx"]}],
+    }
+}
 
 
 def _write_volume(path: Path, labels: dict[str, np.ndarray], raw: np.ndarray | None = None) -> Path:
@@ -76,8 +80,13 @@ _LEVELS = _LEVELS.astype(np.uint8)
 
 def test_threshold_rule_matches_stored_probabilities() -> None:
     assert [threshold_to_level(t) for t in (0.0, 0.2, 0.3, 0.5, 1 / 255, 1.0)] == [
-        0, 51, 77, 128, 1, 255,
-    ]  # fmt: skip
+        0,
+        51,
+        77,
+        128,
+        1,
+        255,
+    ]
     levels = np.arange(256)
     for percent in range(101):  # integer arithmetic: u / 255 >= percent / 100
         expected = 100 * levels >= 255 * percent
@@ -95,9 +104,15 @@ def test_pixel_metrics_against_hand_computed_values(tmp_path: Path) -> None:
     m = evaluate_volume(pred, truth, instances=False)["metrics"]["mito"]
     assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (3, 2, 1, 10)
     assert m["level"] == 128
-    expected = {"iou": 3 / 6, "dice": 6 / 9, "precision": 3 / 5, "recall": 3 / 4,
-                "accuracy": 13 / 16, "iou_background": 10 / 13,
-                "miou": (0.5 + 10 / 13) / 2}  # fmt: skip
+    expected = {
+        "iou": 3 / 6,
+        "dice": 6 / 9,
+        "precision": 3 / 5,
+        "recall": 3 / 4,
+        "accuracy": 13 / 16,
+        "iou_background": 10 / 13,
+        "miou": (0.5 + 10 / 13) / 2,
+    }
     for name, value in expected.items():
         assert m[name] == pytest.approx(value), name
     assert m["truth_fraction"] == pytest.approx(4 / 16)
@@ -192,8 +207,10 @@ def test_z_range_is_respected(tmp_path: Path) -> None:
     levels = truth * 255
     levels[0] = 255 - levels[0]  # slices 0 and 5 are all wrong, 1..4 perfect
     levels[5] = 0
-    paths = (_write_prediction(tmp_path / "p.zarr", {"mito": levels}),
-             _write_volume(tmp_path / "t.zarr", {"mito": truth}))  # fmt: skip
+    paths = (
+        _write_prediction(tmp_path / "p.zarr", {"mito": levels}),
+        _write_volume(tmp_path / "t.zarr", {"mito": truth}),
+    )
     inner = evaluate_volume(*paths, z_range=[1, 5])
     m = inner["metrics"]["mito"]
     assert inner["z_range"] == [1, 5]
@@ -238,8 +255,9 @@ def test_report_files(volume_path: Path, tmp_path: Path) -> None:
         assert float(row["iou"]) == pytest.approx(report["metrics"][name]["iou"])
         assert float(row["object_f1"]) == pytest.approx(report["metrics"][name]["object_f1"])
     pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert pngs == sorted(f"{c}_{s}.png" for c in ("mito", "nuclei")
-                          for s in ("z0002", "z0006", "z0009", "pr_curve"))  # fmt: skip
+    assert pngs == sorted(
+        f"{c}_{s}.png" for c in ("mito", "nuclei") for s in ("z0002", "z0006", "z0009", "pr_curve")
+    )
     for png in (out / "figures").glob("*.png"):
         width, height = _png_size(png)
         assert width >= 300 and height >= 200 and png.stat().st_size > 5000, png
@@ -252,11 +270,23 @@ def test_cli(volume_path: Path, tmp_path: Path) -> None:
     pred = _eroded_prediction(volume_path, tmp_path / "pred.zarr")
     out = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "joenet.evaluate", f"prediction={pred}", f"truth={volume_path}",
-         f"out_dir={out}", "z_range=[3,9]", "slices=[4]", "threshold=0.4"],
-        cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "joenet.evaluate",
+            f"prediction={pred}",
+            f"truth={volume_path}",
+            f"out_dir={out}",
+            "z_range=[3,9]",
+            "slices=[4]",
+            "threshold=0.4",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "nuclei" in result.stdout and "mito" in result.stdout and "optimistic" in result.stdout
     report = json.loads((out / "metrics.json").read_text())
@@ -264,5 +294,6 @@ def test_cli(volume_path: Path, tmp_path: Path) -> None:
     assert report["config"]["slices"] == [4] and report["config"]["task_name"] == "evaluate"
     assert (out / ".hydra" / "config.yaml").is_file()  # out_dir is the Hydra run dir
     assert sorted(p.name for p in (out / "figures").glob("mito*")) == [
-        "mito_pr_curve.png", "mito_z0004.png",
-    ]  # fmt: skip
+        "mito_pr_curve.png",
+        "mito_z0004.png",
+    ]

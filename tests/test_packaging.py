@@ -18,19 +18,38 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("hatchling", reason="building the wheel needs hatchling (the dev extra)")
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(ROOT)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (built,) = out.glob("joenet-*.whl")
     return built
 
 
 def test_wheel_contains_configs(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    for config in ("train.yaml", "experiment/strided_down.yaml", "data/synthetic.yaml",
-                   "trainer/cpu.yaml", "preset/cpu_demo.yaml", "predict.yaml",
-                   "evaluate.yaml", "data/lucchi.yaml"):  # fmt: skip
+    for config in (
+        "train.yaml",
+        "experiment/strided_down.yaml",
+        "data/synthetic.yaml",
+        "trainer/cpu.yaml",
+        "preset/cpu_demo.yaml",
+        "predict.yaml",
+        "evaluate.yaml",
+        "data/lucchi.yaml",
+    ):
         assert f"joenet/conf/{config}" in names
 
 
@@ -50,8 +69,12 @@ def test_installed_package_composes_from_any_directory(wheel: Path, tmp_path: Pa
     env.update(PYTHONPATH=str(site), HOME=str(tmp_path / "home"))
     result = subprocess.run(
         [sys.executable, "-c", script],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     config_path, down, data_dir = result.stdout.split()
     assert Path(config_path) == site / "joenet" / "conf"

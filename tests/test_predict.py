@@ -49,11 +49,22 @@ def _chunk_bytes(output: Path) -> dict[str, bytes]:
 def test_cli_writes_ome_zarr(ckpt_path: Path, volume_path: Path, tmp_path: Path) -> None:
     output = tmp_path / "pred.zarr"
     result = subprocess.run(
-        [sys.executable, "-m", "joenet.predict", f"ckpt_path={ckpt_path}", f"input={volume_path}",
-         f"output={output}", f"paths.log_dir={tmp_path / 'logs'}", "progress=false"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "joenet.predict",
+            f"ckpt_path={ckpt_path}",
+            f"input={volume_path}",
+            f"output={output}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            "progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     group = zarr.open_group(str(output), mode="r")
     source = zarr.open_group(str(volume_path), mode="r")["raw"]
@@ -83,9 +94,12 @@ def test_cli_writes_ome_zarr(ckpt_path: Path, volume_path: Path, tmp_path: Path)
 
 
 def test_resume_after_kill_is_identical(
-    ckpt_path: Path, volume_path: Path, reference: Path, tmp_path: Path,
+    ckpt_path: Path,
+    volume_path: Path,
+    reference: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     output = tmp_path / "pred.zarr"
     write_block, computed = block_ops.write_block, []
 
@@ -133,8 +147,9 @@ def _random_bn_net() -> nn.Module:
 def test_tiled_equals_whole_slice(blending: str) -> None:
     size, tile, overlap = 320, 192, 128  # overlap >= receptive field (116): exact
     net = _random_bn_net()
-    raw = zarr.create_array(zarr.storage.MemoryStore(), shape=(1, size, size), dtype=np.uint8,
-                            chunks=(1, 160, 160))  # fmt: skip
+    raw = zarr.create_array(
+        zarr.storage.MemoryStore(), shape=(1, size, size), dtype=np.uint8, chunks=(1, 160, 160)
+    )
     yy, xx = np.mgrid[:size, :size]
     raw[0] = (127 + 80 * np.sin(yy / 9.0) * np.cos(xx / 13.0) + 40 * np.sin(xx / 3.0)).astype(
         np.uint8
@@ -176,10 +191,14 @@ def _fake_checkpoint(
     fake = tmp_path / "fake.ckpt"
     shutil.copy(ckpt_path, fake)
     checkpoint._CACHE[(str(fake.resolve()), "cpu")] = checkpoint.LoadedModel(
-        net=net, class_names=["nuclei", "mito"], voxel_size_nm=[8.0, 8.0, 8.0],
-        normalization=normalization or {"kind": "dtype_range"}, receptive_field=1, divisor=8,
+        net=net,
+        class_names=["nuclei", "mito"],
+        voxel_size_nm=[8.0, 8.0, 8.0],
+        normalization=normalization or {"kind": "dtype_range"},
+        receptive_field=1,
+        divisor=8,
         device=torch.device("cpu"),
-    )  # fmt: skip
+    )
     return fake
 
 
@@ -191,10 +210,15 @@ def test_tta_and_planes_invert_their_transforms(
     crop.create_array("raw", data=source[:6, :48, :40], chunks=(1, 48, 40))
     fake = _fake_checkpoint(ckpt_path, tmp_path, _Pointwise())
     arrays = {}
-    for name, options in {"plain": {}, "tta": {"tta": True}, "planes": {"planes": "xy,xz,yz"},
-                          "both": {"tta": True, "planes": ["xy", "xz", "yz"]}}.items():  # fmt: skip
-        output = predict_volume(fake, tmp_path / "crop.zarr", tmp_path / f"{name}.zarr",
-                                **options, **FAST)  # fmt: skip
+    for name, options in {
+        "plain": {},
+        "tta": {"tta": True},
+        "planes": {"planes": "xy,xz,yz"},
+        "both": {"tta": True, "planes": ["xy", "xz", "yz"]},
+    }.items():
+        output = predict_volume(
+            fake, tmp_path / "crop.zarr", tmp_path / f"{name}.zarr", **options, **FAST
+        )
         arrays[name] = zarr.open_group(str(output), mode="r")["mito"][...]
         assert arrays[name].shape == (6, 48, 40) and arrays[name].dtype == np.uint8
     # A per-pixel model gives the same value whatever flips/rotations/planes it is applied in,
@@ -231,8 +255,9 @@ def test_orthoplanes_see_the_other_axes(ckpt_path: Path, tmp_path: Path) -> None
     fake = _fake_checkpoint(ckpt_path, tmp_path, _RowGradient())
     values = {}
     for name, planes in {"xy": "xy", "three": ["xy", "xz", "yz"]}.items():
-        output = predict_volume(fake, tmp_path / "ramp.zarr", tmp_path / f"{name}.zarr",
-                                planes=planes, **FAST)  # fmt: skip
+        output = predict_volume(
+            fake, tmp_path / "ramp.zarr", tmp_path / f"{name}.zarr", planes=planes, **FAST
+        )
         values[name] = zarr.open_group(str(output), mode="r")["mito"][...].astype(int)
     assert (values["xy"] == 128).all()  # flat planes: logit 0, p = 0.5
     # xz and yz planes have z down their rows: p = sigmoid(20 * 40 / 255) there, averaged with xy.
@@ -276,8 +301,14 @@ def test_threshold_and_instances_match_scipy(ckpt_path: Path, tmp_path: Path) ->
     volume.create_array("raw", data=blobs.astype(np.uint8) * 255, chunks=(1, 32, 32))
     fake = _fake_checkpoint(ckpt_path, tmp_path, _Pointwise())
     with pytest.warns(UserWarning, match="voxel size"):
-        output = predict_volume(fake, tmp_path / "blobs.zarr", tmp_path / "pred.zarr",
-                                threshold=0.5, instances=True, **FAST)  # fmt: skip
+        output = predict_volume(
+            fake,
+            tmp_path / "blobs.zarr",
+            tmp_path / "pred.zarr",
+            threshold=0.5,
+            instances=True,
+            **FAST,
+        )
     group = zarr.open_group(str(output), mode="r")
     mask = group["nuclei"][...]
     assert set(np.unique(mask)) == {0, 1}
@@ -297,17 +328,26 @@ def test_ome_zarr_input_with_fixed_normalization(ckpt_path: Path, tmp_path: Path
     raw = np.random.default_rng(2).integers(0, 101, (4, 32, 48), dtype=np.uint16)
     group = zarr.open_group(str(tmp_path / "ome.zarr"), mode="w")
     image = group.create_group("raw")
-    image.attrs["ome"] = {"version": "0.5", "multiscales": [{
-        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
-        "datasets": [{"path": path, "coordinateTransformations": [{"type": "scale", "scale": s}]}
-                     for path, s in (("s0", [8, 8.4, 8.4]), ("s1", [16, 16.8, 16.8]))],
-    }]}  # fmt: skip
+    image.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+                "datasets": [
+                    {"path": path, "coordinateTransformations": [{"type": "scale", "scale": s}]}
+                    for path, s in (("s0", [8, 8.4, 8.4]), ("s1", [16, 16.8, 16.8]))
+                ],
+            }
+        ],
+    }
     image.create_array("s0", data=raw, chunks=(1, 32, 48))
     image.create_array("s1", data=raw[::2, ::2, ::2], chunks=(1, 16, 24))
-    fake = _fake_checkpoint(ckpt_path, tmp_path, _Pointwise(), {"kind": "fixed", "min": 0,
-                                                                "max": 100})  # fmt: skip
-    output = predict_volume(fake, tmp_path / "ome.zarr", tmp_path / "pred.zarr", threshold=0.5,
-                            **FAST)  # fmt: skip
+    fake = _fake_checkpoint(
+        ckpt_path, tmp_path, _Pointwise(), {"kind": "fixed", "min": 0, "max": 100}
+    )
+    output = predict_volume(
+        fake, tmp_path / "ome.zarr", tmp_path / "pred.zarr", threshold=0.5, **FAST
+    )
     pred = zarr.open_group(str(output), mode="r")
     np.testing.assert_array_equal(pred["mito"][...], (raw >= 50).astype(np.uint8))
     scale = pred.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
@@ -317,8 +357,15 @@ def test_ome_zarr_input_with_fixed_normalization(ckpt_path: Path, tmp_path: Path
 def test_dask_executor_matches_local(
     ckpt_path: Path, volume_path: Path, reference: Path, tmp_path: Path
 ) -> None:
-    output = predict_volume(ckpt_path, volume_path, tmp_path / "pred.zarr", z_range=[0, 4],
-                            executor="dask", n_workers=2, **FAST)  # fmt: skip
+    output = predict_volume(
+        ckpt_path,
+        volume_path,
+        tmp_path / "pred.zarr",
+        z_range=[0, 4],
+        executor="dask",
+        n_workers=2,
+        **FAST,
+    )
     assert _chunk_bytes(output) == _chunk_bytes(reference)
 
 
@@ -337,9 +384,13 @@ def test_clear_errors(ckpt_path: Path, volume_path: Path, tmp_path: Path) -> Non
 
 
 def test_disk_full_is_a_clear_error_and_resumes(
-    ckpt_path: Path, volume_path: Path, reference: Path, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-) -> None:  # fmt: skip
+    ckpt_path: Path,
+    volume_path: Path,
+    reference: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
     import errno
 
     from joenet.cli import exit_on_error

@@ -97,11 +97,16 @@ def test_time_budget_alone_ends_the_schedule_and_checkpoints_mid_epoch(
     """max_time shorter than one epoch, no max_epochs, validation every 3rd epoch: the run
     stops inside epoch 0 near lr 0, after a final validation that writes both checkpoints."""
     run_dir = tmp_path / "run"
-    cfg = compose_train([
-        *tiny_overrides(data_dir, run_dir), *QUIET, "trainer.max_epochs=-1",
-        "trainer.max_time=00:00:00:04", "data.patches_per_epoch=100000",
-        "trainer.check_val_every_n_epoch=3",
-    ])  # fmt: skip
+    cfg = compose_train(
+        [
+            *tiny_overrides(data_dir, run_dir),
+            *QUIET,
+            "trainer.max_epochs=-1",
+            "trainer.max_time=00:00:00:04",
+            "data.patches_per_epoch=100000",
+            "trainer.check_val_every_n_epoch=3",
+        ]
+    )
     metrics = train(cfg)
     assert "val/dice" in metrics  # the final validation ran
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
@@ -131,17 +136,26 @@ def test_default_recipe_learns(tmp_path: Path) -> None:
     volume; a broken loss, a detached gradient or a frozen optimizer stays at the untrained
     network's Dice."""
     overrides = [
-        f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'run'}", *QUIET,
-        "data.synthetic.shape=[16,256,256]", "data.train_z=[0,12]", "data.val_z=[12,16]",
-        "data.patches_per_epoch=64", "data.num_workers=0", "trainer=cpu", "trainer.max_epochs=3",
-        "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
-    ]  # fmt: skip
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        *QUIET,
+        "data.synthetic.shape=[16,256,256]",
+        "data.train_z=[0,12]",
+        "data.val_z=[12,16]",
+        "data.patches_per_epoch=64",
+        "data.num_workers=0",
+        "trainer=cpu",
+        "trainer.max_epochs=3",
+        "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+    ]
     cfg = compose_train(overrides)
     assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 4  # 16 steps an epoch
     L.seed_everything(cfg.seed)
-    before = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                       enable_model_summary=False).validate(
-        instantiate(cfg.model), datamodule=instantiate(cfg.data), verbose=False
-    )[0]["val/dice"]  # fmt: skip
+    before = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    ).validate(instantiate(cfg.model), datamodule=instantiate(cfg.data), verbose=False)[0][
+        "val/dice"
+    ]
     after = train(cfg)["val/dice"]
     assert after > max(0.5, before + 0.25), (before, after)

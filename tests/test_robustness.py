@@ -94,34 +94,66 @@ def test_same_seed_gives_bit_identical_runs(data_dir: Path, tmp_path: Path) -> N
 def test_resume_after_kill_matches_an_uninterrupted_run(data_dir: Path, tmp_path: Path) -> None:
     overrides = [
         *(o for o in tiny_overrides(data_dir, tmp_path) if not o.startswith("paths.output_dir")),
-        "trainer.max_epochs=3", "trainer.deterministic=true",
-    ]  # fmt: skip
+        "trainer.max_epochs=3",
+        "trainer.deterministic=true",
+    ]
     run_dir = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
     killed = subprocess.run(
-        [sys.executable, "-m", "joenet.train", *overrides, f"hydra.run.dir={run_dir}",
-         "+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=5",
-         f"+callbacks.kill.marker={tmp_path / 'killed.marker'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "joenet.train",
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+            "+callbacks.kill._target_=tests.helpers.KillAtStep",
+            "+callbacks.kill.step=5",
+            f"+callbacks.kill.marker={tmp_path / 'killed.marker'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL mid-epoch 2 (steps 4, 5)
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
     # The documented resume command: the run's own config, its directory, its last checkpoint.
     resumed = subprocess.run(
-        [sys.executable, "-m", "joenet.train", f"--config-path={run_dir / '.hydra'}",
-         "--config-name=config", f"hydra.run.dir={run_dir}", "ckpt_path=last"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "joenet.train",
+            f"--config-path={run_dir / '.hydra'}",
+            "--config-name=config",
+            f"hydra.run.dir={run_dir}",
+            "ckpt_path=last",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
     # The reference runs in a fresh process too: the same threads and allocator state as the
     # resumed run, whatever earlier tests did in this one.
     uninterrupted = subprocess.run(
-        [sys.executable, "-m", "joenet.train", *overrides,
-         f"hydra.run.dir={tmp_path / 'straight'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "joenet.train",
+            *overrides,
+            f"hydra.run.dir={tmp_path / 'straight'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)

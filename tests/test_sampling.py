@@ -40,8 +40,9 @@ def test_start_rectangles_are_exactly_the_windows_beside_the_holdout(volume_path
 
 
 def test_spatial_holdout_keeps_training_windows_out(volume_path: Path) -> None:
-    dm = _datamodule(path=str(volume_path), train_z=(0, 12), val_z=None,
-                     holdout={"y": [0, 48], "x": [0, 48]})  # fmt: skip
+    dm = _datamodule(
+        path=str(volume_path), train_z=(0, 12), val_z=None, holdout={"y": [0, 48], "x": [0, 48]}
+    )
     dm.setup("fit")
     window = dm.augment.window
     for sample_id in range(200):
@@ -60,14 +61,20 @@ def test_spatial_holdout_keeps_training_windows_out(volume_path: Path) -> None:
 
 def test_holdout_errors(volume_path: Path) -> None:
     with pytest.raises(VolumeError, match=r"holdout .* is smaller than data.patch_size"):
-        _datamodule(path=str(volume_path), train_z=(0, 8), val_z=None,
-                    holdout={"y": [0, 16], "x": [0, 64]}).setup("fit")  # fmt: skip
+        _datamodule(
+            path=str(volume_path), train_z=(0, 8), val_z=None, holdout={"y": [0, 16], "x": [0, 64]}
+        ).setup("fit")
     with pytest.raises(VolumeError, match=r"no 4[0-9] px training window fits beside"):
-        _datamodule(path=str(volume_path), train_z=(0, 8), val_z=None,
-                    holdout={"y": [30, 66], "x": [30, 66]}).setup("fit")  # fmt: skip
+        _datamodule(
+            path=str(volume_path),
+            train_z=(0, 8),
+            val_z=None,
+            holdout={"y": [30, 66], "x": [30, 66]},
+        ).setup("fit")
     with pytest.raises(VolumeError, match="must be \\{y: \\[start, stop\\]"):
-        _datamodule(path=str(volume_path), train_z=(0, 8), val_z=None,
-                    holdout={"y": [0, 40]}).setup("fit")  # fmt: skip
+        _datamodule(
+            path=str(volume_path), train_z=(0, 8), val_z=None, holdout={"y": [0, 40]}
+        ).setup("fit")
 
 
 def _centre_foreground_rate(dm: EMDataModule, channel: int, count: int = 150) -> float:
@@ -108,8 +115,9 @@ def test_foreground_points_respect_the_mask_of_annotated_pixels(tmp_path: Path) 
     mask[:, 16:] = 0
     group.create_array("labels/mito", data=mito)
     group.create_array("labels/mask", data=mask)
-    points = foreground_points(Region(ZarrVolume(tmp_path / "v.zarr"), 0, 2), 1, 1000,
-                               np.random.default_rng(0))  # fmt: skip
+    points = foreground_points(
+        Region(ZarrVolume(tmp_path / "v.zarr"), 0, 2), 1, 1000, np.random.default_rng(0)
+    )
     assert len(points) == 2 * 16
     assert set(points[:, 1]) == {4, 5, 6, 7}
 
@@ -136,10 +144,14 @@ def test_several_volumes(volume_path: Path, tmp_path: Path) -> None:
     second = zarr.open_group(str(tmp_path / "second.zarr"), mode="w")
     second.create_array("raw", data=source["raw"][:6])
     second.create_array("labels/mito", data=source["labels/mito"][:6])
-    dm = _datamodule(volumes=[{"path": str(volume_path)},
-                              {"path": str(tmp_path / "second.zarr"), "train_z": [0, 6],
-                               "val_z": None}],
-                     train_z=(0, 8), val_z=(8, 12))  # fmt: skip
+    dm = _datamodule(
+        volumes=[
+            {"path": str(volume_path)},
+            {"path": str(tmp_path / "second.zarr"), "train_z": [0, 6], "val_z": None},
+        ],
+        train_z=(0, 8),
+        val_z=(8, 12),
+    )
     dm.setup("fit")
     regions = {int(dm.train_dataset[i]["position"][0]) for i in range(60)}
     assert regions == {0, 1}
@@ -147,8 +159,13 @@ def test_several_volumes(volume_path: Path, tmp_path: Path) -> None:
     assert labelled == {(True, True), (False, True)}  # the second volume has no nuclei labels
     assert len(dm.val_dataset) == 4 * 3 * 3  # only the first volume validates
     with pytest.raises(VolumeError, match=r"data.volumes\[1\].train_z"):
-        _datamodule(volumes=[{"path": str(volume_path)},
-                             {"path": str(tmp_path / "second.zarr"), "train_z": [0, 9]}],
-                    train_z=(0, 8), val_z=(8, 12)).setup("fit")  # fmt: skip
+        _datamodule(
+            volumes=[
+                {"path": str(volume_path)},
+                {"path": str(tmp_path / "second.zarr"), "train_z": [0, 9]},
+            ],
+            train_z=(0, 8),
+            val_z=(8, 12),
+        ).setup("fit")
     with pytest.raises(ValueError, match=r"either data\.path"):
         _datamodule(path=str(volume_path), volumes=[{"path": str(volume_path)}])

@@ -45,9 +45,21 @@ def _assert_run_dir(run_dir: Path) -> None:
     assert "commit" in info["git"]
     tags = _tensorboard_tags(run_dir)
     scalars = set(tags["scalars"])
-    for key in ("train/loss_step", "train/loss_epoch", "val/loss", "val/dice", "val/iou",
-                "val/dice_mito", "val/dice_nuclei", "val/iou_mito", "val/precision_nuclei",
-                "val/recall_mito", "val/accuracy_mito", "train/dice_mito", "train/lr"):  # fmt: skip
+    for key in (
+        "train/loss_step",
+        "train/loss_epoch",
+        "val/loss",
+        "val/dice",
+        "val/iou",
+        "val/dice_mito",
+        "val/dice_nuclei",
+        "val/iou_mito",
+        "val/precision_nuclei",
+        "val/recall_mito",
+        "val/accuracy_mito",
+        "train/dice_mito",
+        "train/lr",
+    ):
         assert key in scalars, f"{key} not logged; have {sorted(scalars)}"
     assert {"val/images_nuclei", "val/images_mito"} <= set(tags["images"])
 
@@ -97,9 +109,14 @@ def test_resume_from_last_checkpoint(cfg_tiny: DictConfig, data_dir: Path, tmp_p
     last = Path(cfg_tiny.paths.output_dir) / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
     resumed = compose_train(
-        [*tiny_overrides(data_dir, tmp_path / "resumed"), "trainer.max_epochs=3", "~logger",
-         "~callbacks.lr_monitor", "~callbacks.validation_images"]
-    )  # fmt: skip
+        [
+            *tiny_overrides(data_dir, tmp_path / "resumed"),
+            "trainer.max_epochs=3",
+            "~logger",
+            "~callbacks.lr_monitor",
+            "~callbacks.validation_images",
+        ]
+    )
     capture = CaptureStartState()
     callbacks = [*_instantiate_all(resumed.callbacks), capture]
     trainer = instantiate(resumed.trainer, callbacks=callbacks, logger=False)
@@ -136,26 +153,35 @@ def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [sys.executable, "-m", "joenet.train", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
 def test_cli_multirun_from_another_directory(data_dir: Path, tmp_path: Path) -> None:
     overrides = [o for o in tiny_overrides(data_dir, tmp_path) if not o.startswith("paths.output")]
     result = _run_cli(
-        ["-m", "experiment=strided_down,maxpool_down", f"paths.log_dir={tmp_path / 'logs'}",
-         *overrides],
+        [
+            "-m",
+            "experiment=strided_down,maxpool_down",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            *overrides,
+        ],
         cwd=tmp_path,  # configs are found from any working directory
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*/*"))
     job_dirs = [run for run in runs if run.name.isdigit()]
     assert len(job_dirs) == 2
     for job_dir in job_dirs:
         _assert_run_dir(job_dir)
-    downs = sorted((job_dir / "config.yaml").read_text().count("down: maxpool")
-                   for job_dir in job_dirs)  # fmt: skip
+    downs = sorted(
+        (job_dir / "config.yaml").read_text().count("down: maxpool") for job_dir in job_dirs
+    )
     assert downs == [0, 1]
 
 
@@ -173,8 +199,14 @@ def test_init_from_starts_from_checkpoint_weights(
     train(cfg_tiny)
     source = Path(cfg_tiny.paths.output_dir) / "checkpoints" / "last.ckpt"
     # lr=0: the fine-tuned parameters must stay exactly the loaded ones.
-    cfg = compose_train([*tiny_overrides(data_dir, tmp_path / "tuned"), f"init_from={source}",
-                         "model.lr=0.0", "trainer.max_epochs=1"])  # fmt: skip
+    cfg = compose_train(
+        [
+            *tiny_overrides(data_dir, tmp_path / "tuned"),
+            f"init_from={source}",
+            "model.lr=0.0",
+            "trainer.max_epochs=1",
+        ]
+    )
     train(cfg)
     before = torch.load(source, weights_only=True)["state_dict"]
     after = torch.load(tmp_path / "tuned" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -204,12 +236,20 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 )
 def test_train_on_lucchi_logs_mito_and_no_nuclei(tmp_path: Path) -> None:
     overrides = [
-        "experiment=strided_down", "data=lucchi", f"paths.data_dir={SHARED_DATA}",
-        f"paths.output_dir={tmp_path}", "data.patch_size=64", "data.batch_size=4",
-        "data.patches_per_epoch=8", "data.num_workers=0", "data.val_z=[132,133]",
-        "model.net.channels=[4,8,16,32]", "trainer=cpu", "trainer.max_epochs=1",
+        "experiment=strided_down",
+        "data=lucchi",
+        f"paths.data_dir={SHARED_DATA}",
+        f"paths.output_dir={tmp_path}",
+        "data.patch_size=64",
+        "data.batch_size=4",
+        "data.patches_per_epoch=8",
+        "data.num_workers=0",
+        "data.val_z=[132,133]",
+        "model.net.channels=[4,8,16,32]",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
         "+trainer.enable_progress_bar=false",
-    ]  # fmt: skip
+    ]
     metrics = train(compose_train(overrides))
     assert {"val/iou_mito", "val/dice_mito", "val/dice"} <= set(metrics)
     assert not any("nuclei" in key for key in metrics)

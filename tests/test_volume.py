@@ -288,10 +288,15 @@ def test_datamodule_draws_windows_around_crops(cellmap: tuple) -> None:
 
     path, _, _ = cellmap  # one crop: z 2:4, y 10:26, x 20:36 of an 8 x 64 x 64 volume
     dm = EMDataModule(
-        str(path), train_z=(0, 3), val_z=(3, 8), patch_size=16, batch_size=2,
-        patches_per_epoch=40, num_workers=0,
+        str(path),
+        train_z=(0, 3),
+        val_z=(3, 8),
+        patch_size=16,
+        batch_size=2,
+        patches_per_epoch=40,
+        num_workers=0,
         volume={"raw_key": RAW, "label_crops": CROPS, "label_keys": {"nuclei": "nuc"}},
-    )  # fmt: skip
+    )
     dm.setup("fit")
     window = dm.augment.window
     for i in range(40):

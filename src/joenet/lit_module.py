@@ -139,9 +139,16 @@ class SegmentationLitModule(L.LightningModule):
         loss = self._shared_step(batch, self.train_metrics)
         # One host sync per step, worth it: a NaN step would poison every weight through AdamW.
         if not torch.isfinite(loss):
-            return self._on_nonfinite_loss(loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
-                 batch_size=batch["image"].shape[0])  # fmt: skip
+            self._on_nonfinite_loss(loss)
+            return None
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch["image"].shape[0],
+        )
         return loss
 
     def _on_nonfinite_loss(self, loss: Tensor) -> None:
@@ -164,8 +171,14 @@ class SegmentationLitModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss = self._shared_step(batch, self.val_metrics)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=batch["image"].shape[0])  # fmt: skip
+        self.log(
+            "val/loss",
+            loss,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=batch["image"].shape[0],
+        )
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
@@ -181,17 +194,22 @@ class SegmentationLitModule(L.LightningModule):
             _param_groups(self, self.hparams.weight_decay, self.hparams.decay_norm_and_bias),
             self.hparams.lr,
         )
+        scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
         if self.hparams.scheduler == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode=self.hparams.plateau_mode,
-                factor=self.hparams.plateau_factor, patience=self.hparams.plateau_patience,
-            )  # fmt: skip
+                optimizer,
+                mode=self.hparams.plateau_mode,
+                factor=self.hparams.plateau_factor,
+                patience=self.hparams.plateau_patience,
+            )
             config = {"interval": "epoch", "monitor": self.hparams.plateau_monitor}
         else:
             scheduler = WarmupCosine(optimizer, self._schedule_progress(), self.hparams.warmup)
             config = {"interval": "step"}
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "name": "train/lr", **config}}  # fmt: skip
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "name": "train/lr", **config},
+        }
 
     def _schedule_progress(self) -> Callable[[int], float]:
         """Where training stands in [0, 1] after ``step`` optimizer steps: by steps or by time.

@@ -15,8 +15,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from joenet.config import source_root
 
-_PACKAGES = ("joenet", "torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "zarr",
-             "numpy", "tensorboard")  # fmt: skip
+_PACKAGES = (
+    "joenet",
+    "torch",
+    "lightning",
+    "torchmetrics",
+    "hydra-core",
+    "omegaconf",
+    "zarr",
+    "numpy",
+    "tensorboard",
+)
 
 
 def git_state() -> dict[str, str | bool | None]:
@@ -32,8 +41,11 @@ def git_state() -> dict[str, str | bool | None]:
         ).stdout.strip()
         status = subprocess.run(
             [*git, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
         state["dirty"] = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         pass
@@ -42,7 +54,7 @@ def git_state() -> dict[str, str | bool | None]:
 
 def environment() -> dict:
     """Package versions, Python, platform and accelerator."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in _PACKAGES:
         try:
             versions[package] = metadata.version(package)

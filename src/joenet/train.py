@@ -31,9 +31,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("init_from"):
         model.init_weights_from(cfg.init_from)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
+        cfg.trainer,
+        callbacks=_instantiate_all(cfg.get("callbacks")),
         logger=_instantiate_all(cfg.get("logger")),
-    )  # fmt: skip
+    )
     write_run_info(cfg.paths.output_dir, cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     return {name: float(value) for name, value in trainer.callback_metrics.items()}

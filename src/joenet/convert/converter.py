@@ -172,6 +172,7 @@ class RawConverter:
 
     def __init__(self, source: Source, rescale: tuple[float, float] | str | None):
         self.source, self.range = source, None
+        self.dtype: np.dtype
         dtype = source.dtype.newbyteorder("=")  # big-endian TIFF/HDF5 data is still uint16
         if rescale is not None:
             self.range = _percentiles(source) if rescale == "percentile" else tuple(rescale)

@@ -148,7 +148,14 @@ class BatchAugment:
         self._cubic = _cubic_matrix(elastic_grid, patch_size) if elastic else torch.empty(0)
 
     def __repr__(self) -> str:
-        keys = ("patch_size", "rotate", "flip", "brightness", "contrast", "elastic")
+        keys: tuple[str, ...] = (
+            "patch_size",
+            "rotate",
+            "flip",
+            "brightness",
+            "contrast",
+            "elastic",
+        )
         keys += ("elastic_alpha", "elastic_grid", "noise", "noise_std", "gamma", "window")
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)}' for k in keys)})"
 

@@ -139,9 +139,9 @@ class EMDataModule(L.LightningDataModule):
                 str(spec["path"]), self.class_names, cache_bytes=self.cache_bytes, **options
             )
             if volume.has_crops:
-                train, val = crop_regions(volume, spec, key, self.augment.window, self.patch_size)
-                train_regions += train
-                val_regions += val
+                crops = crop_regions(volume, spec, key, self.augment.window, self.patch_size)
+                train_regions += crops[0]
+                val_regions += crops[1]
                 continue
             train, val = volume_regions(volume, spec, key, self.augment.window, self.patch_size)
             for region in (train, val):
@@ -156,15 +156,21 @@ class EMDataModule(L.LightningDataModule):
         if self.foreground_fraction > 0:
             rng = np.random.default_rng((self.seed, 2**31))  # a stream no sample uses
             foreground = [
-                [foreground_points(r, c, 2000, rng) if r.volume.labelled[c] else np.zeros((0, 3))
-                 for c in range(len(self.class_names))]
+                [
+                    foreground_points(r, c, 2000, rng) if r.volume.labelled[c] else np.zeros((0, 3))
+                    for c in range(len(self.class_names))
+                ]
                 for r in train_regions
-            ]  # fmt: skip
+            ]
         self.train_dataset = RandomPatchDataset(
-            train_regions, self.augment.window, self.patches_per_epoch, self.seed,
-            foreground_fraction=self.foreground_fraction, foreground=foreground,
+            train_regions,
+            self.augment.window,
+            self.patches_per_epoch,
+            self.seed,
+            foreground_fraction=self.foreground_fraction,
+            foreground=foreground,
             reject_constant=self.reject_constant,
-        )  # fmt: skip
+        )
         self.val_dataset = TileDataset(val_regions, self.patch_size)
 
     def state_dict(self) -> dict[str, Any]:

@@ -115,8 +115,9 @@ def _z_range(volume: ZarrVolume, z_range: Sequence[int], key: str) -> tuple[int,
 def _holdout_box(volume: ZarrVolume, holdout: Mapping, key: str, patch_size: int) -> Box:
     _, height, width = volume.shape
     try:
-        box = Box(int(holdout["y"][0]), int(holdout["y"][1]), int(holdout["x"][0]),
-                  int(holdout["x"][1]))  # fmt: skip
+        box = Box(
+            int(holdout["y"][0]), int(holdout["y"][1]), int(holdout["x"][0]), int(holdout["x"][1])
+        )
     except (KeyError, IndexError, TypeError):
         raise VolumeError(
             f"{volume.path}: {key}.holdout must be {{y: [start, stop], x: [start, stop]}}, "
@@ -181,7 +182,10 @@ def crop_regions(
     _, height, width = volume.shape
     train_z = _z_range(volume, spec["train_z"], f"{key}.train_z")
     val_z = None if spec.get("val_z") is None else _z_range(volume, spec["val_z"], f"{key}.val_z")
-    split = {"train": ([], train_z, window), "val": ([], val_z, patch_size)}
+    split: dict[str, tuple[list[Region], tuple[int, int] | None, int]] = {
+        "train": ([], train_z, window),
+        "val": ([], val_z, patch_size),
+    }
     for z0, z1, y0, y1, x0, x1 in volume.annotated_boxes():
         for regions, z_range, size in split.values():
             if z_range is None or max(z0, z_range[0]) >= min(z1, z_range[1]):

@@ -41,7 +41,9 @@ THRESHOLD_RULE = (
 
 def open_prediction_group(path: str | Path, role: str) -> zarr.Group:
     """The prediction or truth group, read-only; a clear error when it is not one."""
-    return open_zarr(path, f"the {role}, a zarr group")
+    group = open_zarr(path, f"the {role}, a zarr group")
+    assert isinstance(group, zarr.Group)  # open_zarr(group=True) opens groups only
+    return group
 
 
 def _prediction_classes(group: zarr.Group, path: str | Path) -> list[str]:
@@ -56,8 +58,11 @@ def _prediction_classes(group: zarr.Group, path: str | Path) -> list[str]:
         multiscales = dict(group.attrs.get("ome") or {}).get("multiscales") or []
         names = [entry["name"] for entry in multiscales if entry.get("name")]
     if not names:
-        names = sorted(name for name, array in group.arrays()
-                       if array.ndim == 3 and not name.endswith("_instances"))  # fmt: skip
+        names = sorted(
+            name
+            for name, array in group.arrays()
+            if array.ndim == 3 and not name.endswith("_instances")
+        )
     if not names:
         raise ValueError(f"prediction {path}: no (z, y, x) arrays at the top level (one per class)")
     missing = [name for name in names if name not in group]
@@ -126,8 +131,10 @@ def evaluate_class(
         binary = bool(histogram[:, 2:].sum() == 0 and histogram[:, 1].sum() > 0)
     if binary and pred.dtype == np.uint8:  # 0/1 masks: 1 means positive at every threshold
         if histogram[:, 2:].sum() > 0:
-            raise ValueError(f"prediction array {pred.path!r} is declared 0/1 masks "
-                             "(values: mask 0/1) but holds values above 1")  # fmt: skip
+            raise ValueError(
+                f"prediction array {pred.path!r} is declared 0/1 masks "
+                "(values: mask 0/1) but holds values above 1"
+            )
         histogram[:, 255] += histogram[:, 1]
         histogram[:, 1] = 0
         if levels is not None:
@@ -190,8 +197,10 @@ def evaluate_volume(
             continue
         pred, labels = pred_group[name], truth_group[f"labels/{name}"]
         if pred.shape != labels.shape:
-            raise ValueError(f"{prediction}/{name} has shape {pred.shape} but {truth}/labels/"
-                             f"{name} has {labels.shape}; they must match (z, y, x)")  # fmt: skip
+            raise ValueError(
+                f"{prediction}/{name} has shape {pred.shape} but {truth}/labels/"
+                f"{name} has {labels.shape}; they must match (z, y, x)"
+            )
         _check_prediction_values(pred, f"{prediction}/{name}")
         metrics, histogram = evaluate_class(
             pred, labels, (start, stop), threshold, iou_match, instances, binary
@@ -201,9 +210,17 @@ def evaluate_volume(
     for name in labelled:
         if name not in classes:
             results["skipped"][name] = f"labelled in truth but not in {prediction}: not evaluated"
-    results.update({
-        "prediction": str(prediction), "truth": str(truth), "z_range": [start, stop],
-        "threshold": threshold, "threshold_rule": THRESHOLD_RULE, "iou_match": iou_match,
-        "best_threshold_note": "best_threshold and *_at_best maximise IoU on this data: optimistic",
-    })  # fmt: skip
+    results.update(
+        {
+            "prediction": str(prediction),
+            "truth": str(truth),
+            "z_range": [start, stop],
+            "threshold": threshold,
+            "threshold_rule": THRESHOLD_RULE,
+            "iou_match": iou_match,
+            "best_threshold_note": (
+                "best_threshold and *_at_best maximise IoU on this data: optimistic"
+            ),
+        }
+    )
     return results

@@ -88,8 +88,12 @@ def save_slice_figure(
         ax.set_axis_off()
     axes[3].legend(
         handles=[Patch(color=colour, label=name) for name, colour in ERROR_COLOURS.items()],
-        loc="upper center", bbox_to_anchor=(0.5, 0.0), ncols=3, fontsize="small", frameon=False,
-    )  # fmt: skip
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncols=3,
+        fontsize="small",
+        frameon=False,
+    )
     fig.suptitle(title)
     path = Path(path)
     fig.savefig(path, dpi=80)
@@ -120,9 +124,12 @@ def save_pr_curve(
     for value, marker, label in points:
         point = metrics_at_level(histogram, threshold_to_level(value))
         ax.plot(
-            point["recall"], point["precision"], marker, ms=11 if marker == "*" else 8,
+            point["recall"],
+            point["precision"],
+            marker,
+            ms=11 if marker == "*" else 8,
             label=f"{label} {value:.3g}: IoU {point['iou']:.3f}",
-        )  # fmt: skip
+        )
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize="small")

@@ -17,8 +17,9 @@ from joenet.evaluate.evaluation import evaluate_volume, open_prediction_group
 def _check_slices(slices: Sequence[int], z_range: Sequence[int]) -> None:
     start, stop = z_range
     if any(not start <= int(z) < stop for z in slices):
-        raise ValueError(f"slices {list(slices)} must lie in the evaluated z range "
-                         f"[{start}, {stop})")  # fmt: skip
+        raise ValueError(
+            f"slices {list(slices)} must lie in the evaluated z range [{start}, {stop})"
+        )
 
 
 def default_slices(z_range: Sequence[int], count: int = 3) -> list[int]:
@@ -56,13 +57,20 @@ def write_figures(
             truth = np.asarray(truth_group[f"labels/{name}"][z])
             raw = np.asarray(truth_group["raw"][z]) if has_raw else np.zeros_like(truth)
             title = f"{name}, z = {z}, threshold {metrics['threshold']:g}"
-            written.append(figures.save_slice_figure(
-                directory / f"{name}_z{z:04d}.png", raw, truth, levels, metrics["level"], title
-            ))  # fmt: skip
-        written.append(figures.save_pr_curve(
-            directory / f"{name}_pr_curve.png", histogram, metrics["threshold"],
-            metrics["best_threshold"], f"{name}: precision-recall, z [{start}, {stop})",
-        ))  # fmt: skip
+            written.append(
+                figures.save_slice_figure(
+                    directory / f"{name}_z{z:04d}.png", raw, truth, levels, metrics["level"], title
+                )
+            )
+        written.append(
+            figures.save_pr_curve(
+                directory / f"{name}_pr_curve.png",
+                histogram,
+                metrics["threshold"],
+                metrics["best_threshold"],
+                f"{name}: precision-recall, z [{start}, {stop})",
+            )
+        )
     return written
 
 
@@ -83,16 +91,27 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> tuple[Path,
 
 def format_table(results: Mapping[str, Any]) -> str:
     """A compact text table of the main metrics per class, plus the skipped classes."""
-    columns = ("iou", "dice", "precision", "recall", "accuracy", "miou", "best_threshold",
-               "iou_at_best", "object_f1")  # fmt: skip
+    columns = (
+        "iou",
+        "dice",
+        "precision",
+        "recall",
+        "accuracy",
+        "miou",
+        "best_threshold",
+        "iou_at_best",
+        "object_f1",
+    )
     lines = [f"{'class':<10}" + "".join(f"{c:>15}" for c in columns)]
     for name, metrics in results["metrics"].items():
         cells = (f"{metrics[c]:>15.4f}" if c in metrics else f"{'-':>15}" for c in columns)
         lines.append(f"{name:<10}" + "".join(cells))
     lines += [f"skipped {name}: {reason}" for name, reason in results["skipped"].items()]
     start, stop = results["z_range"]
-    lines.append(f"z [{start}, {stop}), threshold {results['threshold']:g}; best_threshold and "
-                 "*_at_best are tuned on this data (optimistic)")  # fmt: skip
+    lines.append(
+        f"z [{start}, {stop}), threshold {results['threshold']:g}; best_threshold and "
+        "*_at_best are tuned on this data (optimistic)"
+    )
     return "\n".join(lines)
 
 
@@ -118,10 +137,19 @@ def evaluate(
     if slices is not None and z_range is not None:  # fail before the long part
         _check_slices(slices, z_range)
     results = evaluate_volume(prediction, truth, z_range, threshold, iou_match, instances)
-    results["config"] = dict(config) if config is not None else {
-        "prediction": str(prediction), "truth": str(truth), "z_range": z_range,
-        "threshold": threshold, "slices": slices, "iou_match": iou_match, "instances": instances,
-    }  # fmt: skip
+    results["config"] = (
+        dict(config)
+        if config is not None
+        else {
+            "prediction": str(prediction),
+            "truth": str(truth),
+            "z_range": z_range,
+            "threshold": threshold,
+            "slices": slices,
+            "iou_match": iou_match,
+            "instances": instances,
+        }
+    )
     results["out_dir"] = str(out_dir)
     write_report(results, out_dir)
     write_figures(results, out_dir, slices)

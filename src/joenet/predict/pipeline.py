@@ -72,8 +72,10 @@ def _check_overlap(overlap: int, receptive_field: int) -> None:
         log.info(
             "overlap=%d px: tiles keep %d px of context at their seams; overlap >= %d px makes "
             "tiled and whole-slice predictions equal",
-            overlap, overlap // 2, -(-receptive_field // 16) * 16,
-        )  # fmt: skip
+            overlap,
+            overlap // 2,
+            -(-receptive_field // 16) * 16,
+        )
 
 
 def _input_normalization(image: InputImage, normalization: Mapping[str, Any]) -> dict:
@@ -235,15 +237,28 @@ def predict_volume(
         "voxel_size_nm": voxel_size,
         "fingerprint": fingerprint,
     }
-    group = open_output(output, arrays, image.shape, image.chunks, job.class_names, voxel_size,
-                        attrs, earlier, overwrite=overwrite)  # fmt: skip
+    group = open_output(
+        output,
+        arrays,
+        image.shape,
+        image.chunks,
+        job.class_names,
+        voxel_size,
+        attrs,
+        earlier,
+        overwrite=overwrite,
+    )
     blocks, grid = make_blocks(image.shape, image.chunks, plane_names, block_size, tile, z_range)
     record = CompletionRecord(output)
     record.create(grid)
     done = record.done()
     pending = [block for block in blocks if block.index not in done]
-    log.info("%d blocks, %d already done, %d to predict", len(blocks), len(blocks) - len(pending),
-             len(pending))  # fmt: skip
+    log.info(
+        "%d blocks, %d already done, %d to predict",
+        len(blocks),
+        len(blocks) - len(pending),
+        len(pending),
+    )
     if executor == "dask":
         run_dask(job, pending, len(blocks), n_workers, scheduler_address, progress)
     else:

@@ -148,7 +148,9 @@ class PlanePredictor:
         self.blending = blending
         self._weights: dict[tuple, Tensor] = {}
 
-    def _weight(self, size_a: int, margin_a: tuple, size_b: int, margin_b: tuple) -> Tensor:
+    def _weight(
+        self, size_a: int, margin_a: tuple[int, int], size_b: int, margin_b: tuple[int, int]
+    ) -> Tensor:
         key = (size_a, margin_a, size_b, margin_b)
         if key not in self._weights:  # a handful of variants: inner, edge and corner tiles
             wa = window_1d(size_a, *margin_a, self.blending)
@@ -163,7 +165,7 @@ class PlanePredictor:
             if self.dtype is not None
             else contextlib.nullcontext()
         )
-        total = None
+        total: Tensor | None = None
         with torch.inference_mode(), autocast:
             for turns, flip in self.transforms:
                 view = x.flip(-1) if flip else x
@@ -172,6 +174,7 @@ class PlanePredictor:
                 probs = torch.rot90(probs, -turns, dims=(-2, -1)) if turns else probs
                 probs = probs.flip(-1) if flip else probs
                 total = probs if total is None else total + probs
+        assert total is not None  # transforms always holds the identity
         return total / len(self.transforms)
 
     def predict(
@@ -228,6 +231,7 @@ class PlanePredictor:
             if out is None:
                 out = np.empty((num_slices, *result.shape[1:]), dtype=np.float32)
             out[first:stop] = result
+        assert out is not None  # at least one slice
         return out
 
 

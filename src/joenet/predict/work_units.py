@@ -87,8 +87,10 @@ def make_blocks(
     """
     side = block_size if planes == ("xy",) else tile  # orthogonal planes: cube-shaped blocks
     depth = chunks[0] if planes == ("xy",) else side
-    per_block = [max(1, math.ceil(extent / chunk)) for extent, chunk in
-                 zip((depth, side, side), chunks, strict=True)]  # fmt: skip
+    per_block = [
+        max(1, math.ceil(extent / chunk))
+        for extent, chunk in zip((depth, side, side), chunks, strict=True)
+    ]
     steps = [n * chunk for n, chunk in zip(per_block, chunks, strict=True)]
     blocks = []
     for iz, z0 in enumerate(range(0, shape[0], steps[0])):
@@ -97,8 +99,11 @@ def make_blocks(
             continue
         for iy, y0 in enumerate(range(0, shape[1], steps[1])):
             for ix, x0 in enumerate(range(0, shape[2], steps[2])):
-                region = ((z0, z1), (y0, min(y0 + steps[1], shape[1])),
-                          (x0, min(x0 + steps[2], shape[2])))  # fmt: skip
+                region = (
+                    (z0, z1),
+                    (y0, min(y0 + steps[1], shape[1])),
+                    (x0, min(x0 + steps[2], shape[2])),
+                )
                 blocks.append(Block((iz, iy, ix), region))
     grid = tuple(math.ceil(size / step) for size, step in zip(shape, steps, strict=True))
     return blocks, grid  # type: ignore[return-value]

@@ -95,8 +95,9 @@ def check_output(output: str | os.PathLike, input: str | os.PathLike) -> dict[st
         same = str(output).rstrip("/") == str(input).rstrip("/")
         nested = any(f"{a}/".startswith(f"{b}/") for a, b in ((output, input), (input, output)))
         if same or nested:
-            raise OutputError(f"output {output} overlaps the input {input}; choose an output "
-                              "outside the input")  # fmt: skip
+            raise OutputError(
+                f"output {output} overlaps the input {input}; choose an output outside the input"
+            )
         if _is_url(output):
             return _earlier_prediction(str(output))
     out, source = Path(os.path.realpath(output)), Path(os.path.realpath(input))
@@ -247,8 +248,9 @@ class CompletionRecord:
         group = zarr.open_group(self.path, mode="a")
         if "done" not in group:
             shape = tuple(grid_shape)
-            group.create_array("done", shape=shape, chunks=(1,) * len(shape), dtype=bool,
-                               fill_value=False)  # fmt: skip
+            group.create_array(
+                "done", shape=shape, chunks=(1,) * len(shape), dtype=bool, fill_value=False
+            )
 
     def done(self) -> set[tuple[int, ...]]:
         """Grid indices of the finished blocks."""

@@ -64,7 +64,7 @@ def generate_synthetic_volume(
     tmp = staging_path(path)
     shutil.rmtree(tmp, ignore_errors=True)  # only a dead run of a process with our pid left it
     group = zarr.open_group(tmp, mode="w")
-    chunks = tuple(min(c, s) for c, s in zip(chunks, shape, strict=True))
+    chunks = (min(chunks[0], shape[0]), min(chunks[1], shape[1]), min(chunks[2], shape[2]))
     # The real groups use zstd 19; on noisy raw that costs seconds and saves almost nothing.
     codec = zarr.codecs.ZstdCodec(level=3)
     for name, data in (("raw", raw), ("labels/nuclei", nuclei), ("labels/mito", mito)):

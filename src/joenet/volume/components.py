@@ -27,10 +27,14 @@ def _chunk_boxes(
     shape: tuple[int, ...], chunks: tuple[int, ...], z_range: tuple[int, int]
 ) -> Iterator[ChunkBox]:
     z_first = z_range[0] // chunks[0] * chunks[0]
-    starts = [range(z_first, z_range[1], chunks[0]), range(0, shape[1], chunks[1]),
-              range(0, shape[2], chunks[2])]  # fmt: skip
+    starts = [
+        range(z_first, z_range[1], chunks[0]),
+        range(0, shape[1], chunks[1]),
+        range(0, shape[2], chunks[2]),
+    ]
     for corner in itertools.product(*starts):
-        yield tuple(slice(c, min(c + n, s)) for c, n, s in zip(corner, chunks, shape, strict=True))
+        z, y, x = (slice(c, min(c + n, s)) for c, n, s in zip(corner, chunks, shape, strict=True))
+        yield z, y, x
 
 
 def label_components(mask: np.ndarray, connectivity: int = 1) -> tuple[np.ndarray, int]:

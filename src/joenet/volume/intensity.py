@@ -161,8 +161,13 @@ def fit_normalization(
         bits = _bit_depth(high)
         log.info(
             "%s: float raw holds whole numbers %g..%g: read as %d-bit intensities (/ %d), "
-            "not clipped to [0, 1]", where, low, high, bits, 2**bits - 1,
-        )  # fmt: skip
+            "not clipped to [0, 1]",
+            where,
+            low,
+            high,
+            bits,
+            2**bits - 1,
+        )
         return {**plain, "bit_depth": bits}
     if sample.dtype == np.uint16:
         bits = _bit_depth(high)
@@ -170,15 +175,22 @@ def fit_normalization(
             log.info(
                 "%s: uint16 raw holds values up to %d, a %d-bit range: read as / %d "
                 "(the full uint16 range / 65535 would give at most %.3f)",
-                where, int(high), bits, 2**bits - 1, high / 65535,
-            )  # fmt: skip
+                where,
+                int(high),
+                bits,
+                2**bits - 1,
+                high / 65535,
+            )
             return {**plain, "bit_depth": bits}
         return plain
     if sample.dtype == np.uint8 and high - low < _LOW_CONTRAST * 255:
         log.warning(
             "%s: uint8 raw spans only %d..%d of 0..255 (low contrast); normalization "
-            "{kind: percentile} stretches it to [0, 1]", where, int(low), int(high),
-        )  # fmt: skip
+            "{kind: percentile} stretches it to [0, 1]",
+            where,
+            int(low),
+            int(high),
+        )
     return plain
 
 
@@ -188,11 +200,18 @@ def _check_fixed(sample: np.ndarray, low: float, high: float, where: str) -> Non
     if outside > 0.25:
         log.warning(
             "%s: %.0f%% of the sampled intensities lie outside the normalisation range "
-            "[%g, %g] and are clipped; was it made for other data?", where, 100 * outside, low,
+            "[%g, %g] and are clipped; was it made for other data?",
+            where,
+            100 * outside,
+            low,
             high,
-        )  # fmt: skip
+        )
     elif span < 0.1:
         log.warning(
             "%s: the sampled intensities span %.1f%% of the normalisation range [%g, %g]; "
-            "was it made for data of another bit depth?", where, 100 * span, low, high,
-        )  # fmt: skip
+            "was it made for data of another bit depth?",
+            where,
+            100 * span,
+            low,
+            high,
+        )

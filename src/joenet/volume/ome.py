@@ -220,6 +220,7 @@ def resolve_image(
         like: pick the level closest to this one's voxel size, without tolerance (labels).
     """
     node = group[key] if key else group
+    level: ScaleLevel | None
     if isinstance(node, zarr.Group):
         multiscale = read_multiscale(node.attrs, where)
         if multiscale is None:

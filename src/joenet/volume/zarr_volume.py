@@ -144,7 +144,9 @@ class ZarrVolume:
     # -- opening ---------------------------------------------------------------------------
 
     def _group(self) -> zarr.Group:
-        return open_zarr(self._store or self.path, storage_options=self.storage_options)
+        group = open_zarr(self._store or self.path, storage_options=self.storage_options)
+        assert isinstance(group, zarr.Group)  # open_zarr(group=True) opens groups only
+        return group
 
     def _resolve(
         self,
@@ -291,7 +293,7 @@ class ZarrVolume:
     def _load(self) -> tuple:
         if self._arrays is None:
             group = self._group()
-            raw = group[self._raw.path]
+            raw: Any = group[self._raw.path]  # a zarr array, or in memory below
             labels = [None if lb is None else group[lb.path] for lb in self._labels]
             pieces = [group[piece.image.path] for piece in self._crops or []]
             label_bytes = sum(a.nbytes for a in [*labels, *pieces] if a is not None)
