@@ -195,7 +195,10 @@ def test_a_model_retrained_into_the_same_path_never_mixes_outputs(
     fresh = predict_volume(model, volume_path, tmp_path / "fresh.zarr", **FAST)
     got, want = zarr.open_group(str(output), mode="r"), zarr.open_group(str(fresh), mode="r")
     for name in ("nuclei", "mito"):
-        np.testing.assert_array_equal(got[name][...], want[name][...])
+        # Levels round(255 p): two processes may put a value either side of a rounding edge
+        # (seen once in 110,592); a mixed output would differ nearly everywhere.
+        difference = np.abs(got[name][...].astype(int) - want[name][...].astype(int))
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, name
     # The same weights under another name are the same model: the output resumes as it is.
     moved = tmp_path / "moved.ckpt"
     shutil.copy(model, moved)

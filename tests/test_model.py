@@ -11,7 +11,7 @@ from torch import nn
 
 from joenet.model import UNet2d, receptive_field
 from joenet.model.blocks import ConvNeXtBlock, Down, PreActResBlock, Up, make_activation
-from joenet.model.unet import _input_support
+from joenet.model.receptive_field import _input_support
 
 TINY = (4, 8, 16, 32)
 

@@ -9,9 +9,10 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 from joenet.cli import DEBUG_VARIABLE, describe
-from joenet.convert.converter import DEFAULT_CHUNKS, _signals, convert
+from joenet.convert.converter import DEFAULT_CHUNKS, LabelMode, _signals, convert
 from joenet.convert.readers import SUPPORTED
 
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--label-mode",
-        choices=("auto", "binary", "instances", "threshold"),
+        choices=get_args(LabelMode),
         default="auto",
         help="auto: 0/1 kept, 0/255 -> 0/1, else instance ids -> nonzero (default); "
         "binary/instances: nonzero -> 1; threshold: value > T -> 1",

@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import zarr
@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from joenet import __version__
 from joenet.convert.readers import Source, open_source
+from joenet.convert.values import ConvertError, LabelConverter, LabelMode, RawConverter
 from joenet.volume.atomic import replace_dir, staging_path
+from joenet.volume.layout import volume_attrs
 
-LabelMode = Literal["auto", "binary", "instances", "threshold"]
 DEFAULT_CHUNKS = (1, 256, 256)
 _SLAB_BYTES = 256 * 2**20  # input memory per slab; a slab is at least one output chunk deep
 
@@ -38,10 +39,6 @@ log = logging.getLogger(__name__)
 # slabs: interrupting zarr mid-write lets its I/O thread finish chunks after the temporary group
 # was removed, leaving debris behind.
 _signals: list[int] = []
-
-
-class ConvertError(ValueError):
-    """A conversion that cannot run as asked; the message says which input or option and why."""
 
 
 def convert(
@@ -94,36 +91,12 @@ def convert(
     voxel_size = _voxel_size(voxel_size_nm)
     _check_output(output, overwrite)
     with ExitStack() as stack:
-        raw_source = stack.enter_context(open_source(raw))
+        raw_source, sources = _open_sources(stack, output, raw, labels, mask)
         shape = raw_source.shape
-        inputs = {f"labels/{name}": spec for name, spec in labels.items()}
-        if mask is not None:
-            inputs["labels/mask"] = mask
-        sources = {"raw": raw_source}
-        for key, spec in inputs.items():
-            sources[key] = source = stack.enter_context(open_source(spec))
-            if source.shape != shape:
-                raise ConvertError(
-                    f"{source.path}: {key} has shape {source.shape}, but raw "
-                    f"({raw_source.path}) has shape {shape}; they must be equal"
-                )
-        for source in sources.values():
-            _check_not_replaced(output, source)
 
-        # key -> (source key, converter, output dtype); a label source feeds two arrays with
-        # --keep-instances but is read once.
-        plan: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray], np.dtype]] = {}
-        raw_converter = RawConverter(raw_source, rescale)
-        plan["raw"] = ("raw", raw_converter, raw_converter.dtype)
-        converters: dict[str, LabelConverter] = {}
-        for key, source in sources.items():
-            if key == "raw":
-                continue
-            mode = "binary" if key == "labels/mask" else label_mode
-            converters[key] = LabelConverter(key, source, mode, label_threshold)
-            plan[key] = (key, converters[key], np.dtype(np.uint8))
-            if keep_instances and key != "labels/mask":
-                plan[f"{key}_instances"] = (key, converters[key].instances, np.dtype(np.uint32))
+        plan, raw_converter, converters = _plan(
+            sources, rescale, label_mode, label_threshold, keep_instances
+        )
 
         tmp = staging_path(output)
         shutil.rmtree(tmp, ignore_errors=True)  # only a dead run with our pid can have left it
@@ -133,20 +106,20 @@ def convert(
             bar = tqdm(total=shape[0], unit="slice", desc=output.name, disable=not progress)
             with bar:
                 _write_arrays(group, sources, plan, clipped, zstd_level, bar.update)
+            converter_attrs = {
+                "label_mode": label_mode,
+                "version": __version__,
+                "raw": raw_converter.describe(),
+                "labels": {key: c.describe() for key, c in converters.items()},
+            }
             group.attrs.update(
-                {
-                    "name": output.name.removesuffix(".zarr"),
-                    "source": {key: source.path for key, source in sources.items()},
-                    "voxel_size_nm": voxel_size,
-                    "axes": "zyx",  # as the real groups in shared/data store it
-                    "labels_available": list(labels),
-                    "converter": {
-                        "label_mode": label_mode,
-                        "version": __version__,
-                        "raw": raw_converter.describe(),
-                        "labels": {key: c.describe() for key, c in converters.items()},
-                    },
-                }
+                volume_attrs(
+                    output.name.removesuffix(".zarr"),
+                    {key: source.path for key, source in sources.items()},
+                    voxel_size,
+                    list(labels),
+                    converter=converter_attrs,
+                )
             )
             replace_dir(tmp, output)
         except BaseException:
@@ -161,147 +134,56 @@ def convert(
     return output
 
 
-class RawConverter:
-    """Raw slabs as stored: uint8/uint16 kept, floats as float32, or mapped to uint8 by ``rescale``.
-
-    Args:
-        source: the raw input.
-        rescale: (low, high) mapped to 0..255, ``"percentile"`` for its 0.5 and 99.5 percentiles
-            (estimated on up to 9 evenly spaced slices), or None.
-    """
-
-    def __init__(self, source: Source, rescale: tuple[float, float] | str | None):
-        self.source, self.range = source, None
-        self.dtype: np.dtype
-        dtype = source.dtype.newbyteorder("=")  # big-endian TIFF/HDF5 data is still uint16
-        if rescale is not None:
-            self.range = _percentiles(source) if rescale == "percentile" else tuple(rescale)
-            if not self.range[1] > self.range[0]:
-                raise ConvertError(f"{source.path}: rescale range {self.range} is empty")
-            self.dtype = np.dtype(np.uint8)
-        elif dtype in (np.uint8, np.uint16):
-            self.dtype = dtype
-        elif dtype.kind == "f":
-            self.dtype = np.dtype(np.float32)
-            low, high = _sample_range(source)
-            if low < 0 or high > 1:
-                raise ConvertError(
-                    f"{source.path}: raw is {dtype} with values in [{low:g}, {high:g}], but "
-                    "joenet clips float images to [0, 1]; pass --rescale (percentiles) or "
-                    "--rescale LOW HIGH to store it as uint8"
-                )
-        else:
+def _open_sources(
+    stack: ExitStack,
+    output: Path,
+    raw: str | Path,
+    labels: Mapping[str, str | Path],
+    mask: str | Path | None,
+) -> tuple[Source, dict[str, Source]]:
+    """Open raw and every label input (closed with ``stack``); all must have raw's shape."""
+    raw_source = stack.enter_context(open_source(raw))
+    shape = raw_source.shape
+    inputs = {f"labels/{name}": spec for name, spec in labels.items()}
+    if mask is not None:
+        inputs["labels/mask"] = mask
+    sources = {"raw": raw_source}
+    for key, spec in inputs.items():
+        sources[key] = source = stack.enter_context(open_source(spec))
+        if source.shape != shape:
             raise ConvertError(
-                f"{source.path}: raw dtype {dtype} is not one joenet reads (uint8, uint16, "
-                "float); pass --rescale LOW HIGH to store it as uint8"
+                f"{source.path}: {key} has shape {source.shape}, but raw "
+                f"({raw_source.path}) has shape {shape}; they must be equal"
             )
-
-    def __call__(self, slab: np.ndarray) -> np.ndarray:
-        if self.range is None:
-            return slab.astype(self.dtype, copy=False)
-        low, high = self.range
-        scaled = (slab.astype(np.float32) - low) * np.float32(255.0 / (high - low))
-        return np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
-
-    def describe(self) -> str:
-        """What was done, for the log and the ``converter`` attribute."""
-        if self.range is not None:
-            low, high = self.range
-            return f"{self.source.dtype} [{low:g}, {high:g}] -> uint8"
-        if self.dtype == self.source.dtype:
-            return f"{self.dtype} kept"
-        return f"{self.source.dtype} -> {self.dtype}"
+    for source in sources.values():
+        _check_not_replaced(output, source)
+    return raw_source, sources
 
 
-class LabelConverter:
-    """Label slabs as 0/1 uint8 masks; in auto and instances mode it records which values it saw.
-
-    Args:
-        key: output array, for messages.
-        source: the label input.
-        mode: see ``convert``.
-        threshold: the threshold of ``threshold`` mode.
-    """
-
-    def __init__(self, key: str, source: Source, mode: str, threshold: float | None):
-        self.key, self.source, self.mode, self.threshold = key, source, mode, threshold
-        self.has_one = self.has_255 = self.has_other = False
-        self.max_id, self.foreground, self.total = 0, 0, 0
-        if mode == "instances" and source.dtype.kind not in "iub":
-            raise ConvertError(
-                f"{source.path}: instance ids must be integers, got {source.dtype}; use "
-                "--label-mode threshold --label-threshold T or binary"
-            )
-
-    def __call__(self, slab: np.ndarray) -> np.ndarray:
-        if self.mode == "threshold":
-            mask = slab > self.threshold
-        else:
-            if self.mode != "binary":
-                self._inspect(slab)
-            mask = slab != 0
-        self.foreground += int(np.count_nonzero(mask))
-        self.total += mask.size
-        return mask.astype(np.uint8)
-
-    def instances(self, slab: np.ndarray) -> np.ndarray:
-        """The slab's instance ids as uint32 (``--keep-instances``)."""
-        if self.max_id > np.iinfo(np.uint32).max:
-            raise ConvertError(f"{self.source.path}: instance id {self.max_id} exceeds uint32")
-        return slab.astype(np.uint32)
-
-    def _inspect(self, slab: np.ndarray) -> None:
-        if slab.dtype.kind == "f" and not np.isin(slab, (0, 1)).all():
-            raise ConvertError(
-                f"{self.source.path}: float labels with values other than 0 and 1 (a "
-                "probability map?); use --label-mode threshold --label-threshold 0.5"
-            )
-        values = slab[slab != 0]
-        if values.size == 0:
-            return
-        if values.min() < 0:
-            raise ConvertError(
-                f"{self.source.path}: negative label value {values.min()}; if it marks "
-                "unlabelled voxels, use --label-mode threshold --label-threshold 0"
-            )
-        self.has_one |= bool((values == 1).any())
-        self.has_255 |= bool((values == 255).any())
-        self.has_other |= bool(((values != 1) & (values != 255)).any())
-        self.max_id = max(self.max_id, int(values.max()))
-
-    def describe(self) -> str:
-        """What was done, for the log and the ``converter`` attribute."""
-        if self.mode == "threshold":
-            what = f"value > {self.threshold:g} -> 1"
-        elif self.mode == "binary":
-            what = "nonzero -> 1"
-        elif not (self.has_one or self.has_255 or self.has_other):
-            what = "all 0 (empty mask)"
-        elif not (self.has_255 or self.has_other):
-            what = "0/1 mask kept"
-        elif not (self.has_one or self.has_other):
-            what = "0/255 mask -> 0/1"
-        else:
-            what = f"instance ids (max {self.max_id}) -> 0/1 foreground"
-        share = 100 * self.foreground / max(self.total, 1)
-        return f"{what} ({self.mode}), {share:.2f} % foreground"
+Plan = dict[str, tuple[str, Callable[[np.ndarray], np.ndarray], np.dtype]]
 
 
-def _sample(source: Source, count: int = 9) -> np.ndarray:
-    """Pixels of up to ``count`` evenly spaced slices, each thinned to about 512 x 512."""
-    stride = max(1, int(np.sqrt(source.shape[1] * source.shape[2] / 512**2)))
-    zs = np.unique(np.linspace(0, source.shape[0] - 1, count).round().astype(int))
-    return np.concatenate([source.read(z, z + 1)[0, ::stride, ::stride].ravel() for z in zs])
-
-
-def _sample_range(source: Source) -> tuple[float, float]:
-    values = _sample(source)
-    return float(np.nanmin(values)), float(np.nanmax(values))
-
-
-def _percentiles(source: Source) -> tuple[float, float]:
-    low, high = np.nanpercentile(_sample(source).astype(np.float64), (0.5, 99.5))
-    return float(low), float(high)
+def _plan(
+    sources: Mapping[str, Source],
+    rescale: tuple[float, float] | Literal["percentile"] | None,
+    label_mode: LabelMode,
+    label_threshold: float | None,
+    keep_instances: bool,
+) -> tuple[Plan, RawConverter, dict[str, LabelConverter]]:
+    """Output key -> (source key, converter, dtype); with --keep-instances a label source
+    feeds two arrays but is read once."""
+    raw_converter = RawConverter(sources["raw"], rescale)
+    plan: Plan = {"raw": ("raw", raw_converter, raw_converter.dtype)}
+    converters: dict[str, LabelConverter] = {}
+    for key, source in sources.items():
+        if key == "raw":
+            continue
+        mode = "binary" if key == "labels/mask" else label_mode
+        converters[key] = LabelConverter(key, source, mode, label_threshold)
+        plan[key] = (key, converters[key], np.dtype(np.uint8))
+        if keep_instances and key != "labels/mask":
+            plan[f"{key}_instances"] = (key, converters[key].instances, np.dtype(np.uint32))
+    return plan, raw_converter, converters
 
 
 def _write_arrays(
@@ -349,10 +231,8 @@ def _check_options(
             raise ConvertError(f"label class name {name!r}: expected a plain name like 'mito'")
         if name == "mask":
             raise ConvertError("'mask' is not a class: pass the annotated region as --mask SOURCE")
-    if label_mode not in ("auto", "binary", "instances", "threshold"):
-        raise ConvertError(
-            f"label mode {label_mode!r}: expected auto, binary, instances, threshold"
-        )
+    if label_mode not in get_args(LabelMode):
+        raise ConvertError(f"label mode {label_mode!r}: expected {', '.join(get_args(LabelMode))}")
     if (label_mode == "threshold") != (label_threshold is not None):
         raise ConvertError("--label-threshold T goes with --label-mode threshold, and only with it")
     if keep_instances and label_mode != "instances":

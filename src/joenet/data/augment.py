@@ -1,3 +1,5 @@
+# long: one class, BatchAugment, whose parameter draw and application must stay side by side
+# (what sample_params draws, apply consumes, key by key).
 """Batched, on-device augmentation of training windows.
 
 DataLoader workers only read: each training sample is a window larger than the output patch (see

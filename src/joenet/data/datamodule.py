@@ -18,6 +18,12 @@ from joenet.synthetic import ensure_synthetic_volume
 from joenet.volume import VolumeError, ZarrVolume
 
 _PARAMS_KEY = "augment_params"
+# Foreground voxels remembered per slice and class for centring windows: enough to reach every
+# object of a slice, few enough to hold for thousands of slices (16 kB per slice).
+_FOREGROUND_POINTS_PER_SLICE = 2000
+# Patch sides are multiples of this: the default 5-level network's divisor (UNet2d checks its
+# own) and prediction's tile step (joenet.predict.tiling.STEP).
+PATCH_MULTIPLE = 16
 
 
 class _CollateWithAugmentParams:
@@ -94,8 +100,10 @@ class EMDataModule(L.LightningDataModule):
         multiprocessing_context: str | None = None,
     ):
         super().__init__()
-        if patch_size % 16:
-            raise ValueError(f"data.patch_size must be a multiple of 16, got {patch_size}")
+        if patch_size % PATCH_MULTIPLE:
+            raise ValueError(
+                f"data.patch_size must be a multiple of {PATCH_MULTIPLE}, got {patch_size}"
+            )
         if not 0 <= foreground_fraction <= 1:
             raise ValueError(
                 f"data.foreground_fraction must be in [0, 1], got {foreground_fraction}"
@@ -157,7 +165,9 @@ class EMDataModule(L.LightningDataModule):
             rng = np.random.default_rng((self.seed, 2**31))  # a stream no sample uses
             foreground = [
                 [
-                    foreground_points(r, c, 2000, rng) if r.volume.labelled[c] else np.zeros((0, 3))
+                    foreground_points(r, c, _FOREGROUND_POINTS_PER_SLICE, rng)
+                    if r.volume.labelled[c]
+                    else np.zeros((0, 3))
                     for c in range(len(self.class_names))
                 ]
                 for r in train_regions

@@ -19,7 +19,8 @@ DownKind = Literal["strided", "maxpool"]
 UpKind = Literal["transposed", "bilinear"]
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """A ``ValueError`` naming the option and its choices unless ``value`` is one of them."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
@@ -33,7 +34,7 @@ def make_activation(name: Activation) -> nn.Module:
     Returns:
         A fresh activation module.
     """
-    _check_choice("activation", name, get_args(Activation))
+    check_choice("activation", name, get_args(Activation))
     if name == "gelu":
         return nn.GELU()
     # Not in-place: with pre-activation the block input feeds the shortcut too.
@@ -47,7 +48,7 @@ def make_norm(name: Norm, channels: int) -> nn.Module:
     BasicUNet) and ``group`` (8 channels per group, GroupNorm) normalise each sample alone, so
     training and inference see the same statistics whatever the batch or tile size.
     """
-    _check_choice("norm", name, get_args(Norm))
+    check_choice("norm", name, get_args(Norm))
     if name == "batch":
         return nn.BatchNorm2d(channels)
     if name == "instance":
@@ -158,7 +159,7 @@ class Down(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kind: DownKind = "strided") -> None:
         super().__init__()
-        _check_choice("down", kind, get_args(DownKind))
+        check_choice("down", kind, get_args(DownKind))
         self.out_channels = out_channels if kind == "strided" else in_channels
         self.op: nn.Module = (
             nn.Conv2d(in_channels, out_channels, 2, stride=2)
@@ -185,7 +186,7 @@ class Up(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kind: UpKind = "transposed") -> None:
         super().__init__()
-        _check_choice("up", kind, get_args(UpKind))
+        check_choice("up", kind, get_args(UpKind))
         self.op: nn.Module = (
             nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
             if kind == "transposed"

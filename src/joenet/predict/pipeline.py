@@ -15,7 +15,7 @@ import joenet
 from joenet.checkpoint import cached_model, resolve_device, weights_fingerprint
 from joenet.predict.executor import run_dask, run_local
 from joenet.predict.input_image import InputImage, open_input
-from joenet.predict.tiling import autocast_dtype, check_tiling, tile_margin
+from joenet.predict.tiling import STEP, autocast_dtype, check_tiling, tile_margin
 from joenet.predict.work_units import PLANE_AXES, BlockJob, make_blocks
 from joenet.predict.writer import CompletionRecord, check_output, open_output
 from joenet.volume import VolumeError, check_z_range, fit_normalization
@@ -65,7 +65,7 @@ def _check_overlap(overlap: int, receptive_field: int) -> None:
         warnings.warn(
             f"overlap={overlap} px is less than half the model's receptive field "
             f"({receptive_field} px): tiles use pixels with little context and seams may show; "
-            f"use overlap >= {-(-receptive_field // 32) * 16}",
+            f"use overlap >= {_round_up(_round_up(receptive_field, 2) // 2, STEP)}",
             stacklevel=3,
         )
     elif overlap < receptive_field:
@@ -74,8 +74,12 @@ def _check_overlap(overlap: int, receptive_field: int) -> None:
             "tiled and whole-slice predictions equal",
             overlap,
             overlap // 2,
-            -(-receptive_field // 16) * 16,
+            _round_up(receptive_field, STEP),
         )
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
 
 
 def _input_normalization(image: InputImage, normalization: Mapping[str, Any]) -> dict:
@@ -115,6 +119,60 @@ def _check_voxel_size(
         )
         log.warning(message)
         warnings.warn(message, stacklevel=3)
+
+
+def _job_options(
+    tile: int,
+    overlap: int,
+    blending: str,
+    batch_size: int | None,
+    precision: str,
+    tta: bool,
+    planes: tuple[str, ...],
+    device: str,
+) -> dict[str, Any]:
+    """The BlockJob fields that are options as given (``device`` is resolved by the process
+    that predicts: a GPU worker picks its own GPU)."""
+    return {
+        "tile": tile,
+        "overlap": overlap,
+        "blending": blending,
+        "batch_size": batch_size,
+        "precision": str(precision),
+        "tta": bool(tta),
+        "planes": planes,
+        "device": device,
+    }
+
+
+def _fingerprint(
+    job: BlockJob,
+    net: torch.nn.Module,
+    image: InputImage,
+    normalization: Mapping[str, Any],
+    compute_dtype: torch.dtype | None,
+    arrays: Mapping[str, str],
+    block_size: int,
+) -> dict[str, Any]:
+    """What must match for a rerun to resume an output.
+
+    ``z_range`` may differ (it picks blocks); ``batch_size`` and the executor change the order
+    of work, not the values. The weights count by content: a model retrained into the same path
+    must not finish another model's output.
+    """
+    return {
+        "weights": weights_fingerprint(net),
+        "input": job.input_path,
+        "shape": list(image.shape),
+        "chunks": list(image.chunks),
+        "normalization": dict(normalization),
+        "precision": str(compute_dtype or torch.float32).removeprefix("torch."),
+        "arrays": dict(arrays),
+        **{key: getattr(job, key) for key in _FINGERPRINT_KEYS},
+        "planes": list(job.planes),
+        "block_size": block_size,
+        "version": joenet.__version__,
+    }
 
 
 def predict_volume(
@@ -195,38 +253,18 @@ def predict_volume(
         input_path=_absolute(input),  # workers may run elsewhere: no relative paths
         output_path=_absolute(output),
         class_names=tuple(model.class_names),
-        tile=tile,
-        overlap=overlap,
         margin=tile_margin(overlap, model.receptive_field),
-        blending=blending,
-        batch_size=batch_size,
-        precision=str(precision),
-        tta=bool(tta),
-        planes=plane_names,
         threshold=None if threshold is None else float(threshold),
-        device=device,  # resolved by the process that predicts (a GPU worker: its GPU)
-        z_range=z_range,
         normalization=_hashable(normalization),
+        **_job_options(tile, overlap, blending, batch_size, precision, tta, plane_names, device),
+        z_range=z_range,
     )
     arrays = {name: "uint8" for name in job.class_names}
     if instances:
         arrays |= {f"{name}_instances": "uint32" for name in job.class_names}
-    # What must match for a rerun to resume this output (z_range may differ: it picks blocks;
-    # batch_size and the executor change the order of work, not the values). The weights by
-    # content: a model retrained into the same path must not finish another model's output.
-    fingerprint = {
-        "weights": weights_fingerprint(model.net),
-        "input": job.input_path,
-        "shape": list(image.shape),
-        "chunks": list(image.chunks),
-        "normalization": normalization,
-        "precision": str(compute_dtype or torch.float32).removeprefix("torch."),
-        "arrays": arrays,
-        **{key: getattr(job, key) for key in _FINGERPRINT_KEYS},
-        "planes": list(plane_names),
-        "block_size": block_size,
-        "version": joenet.__version__,
-    }
+    fingerprint = _fingerprint(
+        job, model.net, image, normalization, compute_dtype, arrays, block_size
+    )
     attrs = {
         "checkpoint": job.ckpt_path,
         "version": joenet.__version__,

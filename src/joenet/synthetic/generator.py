@@ -1,17 +1,10 @@
 """Write the synthetic volume to disk once, atomically, shared safely by concurrent runs.
 
-``render`` draws the scene; this module stores it as a zarr group with exact labels.
+``render`` draws the scene (what it holds is described there); this module stores it.
 
 The volume mirrors the layout of the real data groups (see ``data/README.md``): ``raw`` plus
 ``labels/nuclei`` and ``labels/mito`` as uint8 zarr v3 arrays. It exists so the whole pipeline can
 run, and be tested, without downloads, and because no real EM volume here has nuclei labels.
-
-Scene, in isotropic voxels: polygonal cells (a warped 3D Voronoi tessellation whose faces are dark
-membranes), a few large nuclei (ellipsoids with granular chromatin, a nucleolus and a dark
-envelope), many mitochondria (capsules with a dark outer membrane and bright cristae stripes
-across the long axis) and unlabelled dark distractors (lipid-droplet-like blobs and vesicles), so a
-model has to learn shape and texture rather than "dark means mito". Everything is 3D, so objects
-continue across z and a z split of the volume is meaningful.
 """
 
 from __future__ import annotations
@@ -29,6 +22,7 @@ import zarr
 
 from joenet.synthetic.render import Shape3, check_shape, render_synthetic_volume
 from joenet.volume.atomic import replace_dir, staging_path
+from joenet.volume.layout import volume_attrs
 
 VERSION = 1
 VOXEL_SIZE_NM = (8, 8, 8)
@@ -73,13 +67,9 @@ def generate_synthetic_volume(
         )
         array[...] = data
     group.attrs.update(
-        {
-            "name": "synthetic_em",
-            "source": "joenet synthetic generator",
-            "voxel_size_nm": list(VOXEL_SIZE_NM),
-            "axes": "zyx",  # as the real groups in shared/data store it
-            "labels_available": ["nuclei", "mito"],
-        }
+        volume_attrs(
+            "synthetic_em", "joenet synthetic generator", VOXEL_SIZE_NM, ["nuclei", "mito"]
+        )
     )
     # Written last: `_is_complete` treats a group without it as unfinished.
     group.attrs["generator"] = _generator_attrs(shape, seed)

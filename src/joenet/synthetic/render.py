@@ -1,8 +1,6 @@
+# long: one scene, drawn by small private functions that each place one kind of object; split
+# up, their shared geometry helpers would need a third module for no reader's benefit.
 """Render the synthetic FIB-SEM-like scene: raw, nuclei and mitochondria, all in memory.
-
-The volume mirrors the layout of the real data groups (see ``data/README.md``): ``raw`` plus
-``labels/nuclei`` and ``labels/mito`` as uint8 zarr v3 arrays. It exists so the whole pipeline can
-run, and be tested, without downloads, and because no real EM volume here has nuclei labels.
 
 Scene, in isotropic voxels: polygonal cells (a warped 3D Voronoi tessellation whose faces are dark
 membranes), a few large nuclei (ellipsoids with granular chromatin, a nucleolus and a dark

@@ -68,3 +68,29 @@ def check_z_range(
             f"(the volume has {depth} slices)"
         )
     return int(values[0]), int(values[1])
+
+
+def volume_attrs(
+    name: str,
+    source: Any,
+    voxel_size_nm: Sequence[float] | None,
+    labels_available: Sequence[str],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The attributes of a volume group that joenet writes (converter, synthetic generator).
+
+    Args:
+        name: the volume's name.
+        source: where its arrays came from (a description, or paths by array).
+        voxel_size_nm: (z, y, x) in nm, None when unknown.
+        labels_available: the classes with a ``labels/<class>`` array.
+        extra: what the writer adds about itself (``converter``, ``generator``).
+    """
+    return {
+        "name": name,
+        "source": source,
+        "voxel_size_nm": None if voxel_size_nm is None else list(voxel_size_nm),
+        "axes": "zyx",  # as the real groups in shared/data store it
+        "labels_available": list(labels_available),
+        **extra,
+    }

@@ -1,3 +1,6 @@
+# long: one class, ZarrVolume; its three reading paths (whole labels, CellMap crops, in memory
+# or lazy) share the opened arrays and the window arithmetic, and split apart they would pass
+# both back and forth.
 """Read patches from an EM volume in zarr: a plain ``raw`` array or an OME-Zarr multiscale image.
 
 Labels are either whole-volume masks ``labels/<class>`` or, in the CellMap layout, small crops
