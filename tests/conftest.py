@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from joenet.config import register_resolvers
 from joenet.synthetic import generate_synthetic_volume
-from tests.helpers import TINY_SHAPE, compose_train, tiny_overrides
+from tests.helpers import TINY_SHAPE, compose_train, tiny_overrides, train_tiny_checkpoint
 
 register_resolvers()
 
@@ -29,19 +29,8 @@ def volume_path(data_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def ckpt_path(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model trained for one epoch (no logger or image callback: seconds)."""
-    from joenet.train import train
-
-    run_dir = tmp_path_factory.mktemp("predict_run")
-    overrides = [
-        *tiny_overrides(data_dir, run_dir),
-        "trainer.max_epochs=1",
-        "~logger",
-        "~callbacks.validation_images",
-        "~callbacks.lr_monitor",
-    ]
-    train(compose_train(overrides))
-    return run_dir / "checkpoints" / "last.ckpt"
+    """A tiny model trained for one epoch on the tiny volume."""
+    return train_tiny_checkpoint(data_dir, tmp_path_factory.mktemp("predict_run"))
 
 
 @pytest.fixture

@@ -50,6 +50,15 @@ def compose_train(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def train_tiny_checkpoint(data_dir: Path, run_dir: Path) -> Path:
+    """Train the tiny config for one epoch (no logger or image callback: seconds); last.ckpt."""
+    from joenet.train import train
+
+    quiet = ["~logger", "~callbacks.validation_images", "~callbacks.lr_monitor"]
+    train(compose_train([*tiny_overrides(data_dir, run_dir), "trainer.max_epochs=1", *quiet]))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
 class RecordSamples(L.Callback):
     """Write, per rank, the training sample positions seen and the final logged metrics."""
 
