@@ -66,6 +66,9 @@ def test_trainer_callbacks_and_logger_instantiate(
     names = {type(callback).__name__ for callback in callbacks}
     assert {"ModelCheckpoint", "EarlyStopping", "EMA", "ValidateAtTimeBudget"} <= names
     assert any(isinstance(logger, TensorBoardLogger) for logger in loggers)
+    if trainer in ("gpu", "mps") and not _has(trainer):  # they require that device
+        assert cfg.trainer.accelerator == trainer
+        return
     trainer_ = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     assert isinstance(trainer_, L.Trainer)
     early = next(c for c in callbacks if type(c).__name__ == "EarlyStopping")
@@ -73,3 +76,11 @@ def test_trainer_callbacks_and_logger_instantiate(
     assert early.monitor == best.monitor == cfg.monitor == "val/dice"  # one monitor everywhere
     if preset == "cpu_demo":
         assert trainer_.max_epochs == -1 or trainer_.max_epochs is None
+
+
+def _has(accelerator: str) -> bool:
+    import torch
+
+    if accelerator == "gpu":
+        return torch.cuda.is_available()
+    return torch.backends.mps.is_available()
