@@ -19,6 +19,16 @@ from scipy.spatial import cKDTree
 Shape3 = tuple[int, int, int]
 ObjectBox = tuple[tuple[slice, slice, slice], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
+# Voxels between a nucleus and its neighbours' (and the cell faces around it): room for the
+# envelope and a band of cytoplasm, as in HeLa FIB-SEM, so no face cuts a nucleus.
+NUCLEUS_CLEARANCE = 30
+# Placement attempts: objects are drawn until a volume fraction is reached; a crowded volume
+# rejects most draws, and these caps end the loop there (more tries add nothing measurable).
+NUCLEUS_ATTEMPTS = 60
+MITO_ATTEMPTS = 4000
+# Voronoi seeds drawn per seed kept (most are rejected for crowding a nucleus).
+SEED_DRAWS_PER_CELL = 20
+
 
 def render_synthetic_volume(shape: Shape3, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render the synthetic volume in memory.
@@ -69,7 +79,7 @@ def _place_nuclei(rng: np.random.Generator, nuclei: np.ndarray, r_max: float) ->
     target = rng.uniform(0.12, 0.2) * nuclei.size
     count = 0
     geos: list[dict] = []
-    for _ in range(60):
+    for _ in range(NUCLEUS_ATTEMPTS):
         if count >= target:
             break
         radii = r_max * rng.uniform(0.7, 1.0) * rng.uniform(0.7, 1.0, size=3)
@@ -77,7 +87,8 @@ def _place_nuclei(rng: np.random.Generator, nuclei: np.ndarray, r_max: float) ->
         center[0] = rng.uniform(-0.3 * radii.max(), shape[0] + 0.3 * radii.max())
         # Each nucleus seeds its own Voronoi cell; this gap keeps cell faces out of the nucleus.
         if any(
-            np.linalg.norm(center - g["center"]) < 2 * max(radii.max(), g["radii"].max()) + 30
+            np.linalg.norm(center - g["center"])
+            < 2 * max(radii.max(), g["radii"].max()) + NUCLEUS_CLEARANCE
             for g in geos
         ):
             continue
@@ -107,10 +118,10 @@ def _membrane_distance(
     """Distance (voxels) to the nearest face of a warped 3D Voronoi tessellation."""
     lo, hi = np.full(3, -spacing), np.array(shape) + spacing
     centers = np.array([g["center"] for g in nuclei_geo]).reshape(-1, 3)
-    clearance = np.array([2 * g["radii"].max() + 30 for g in nuclei_geo])
+    clearance = np.array([2 * g["radii"].max() + NUCLEUS_CLEARANCE for g in nuclei_geo])
     n_target = int(np.prod(hi - lo) / spacing**3 * 1.5)
     points = np.empty((0, 3))
-    for candidate in rng.uniform(lo, hi, size=(20 * n_target, 3)):
+    for candidate in rng.uniform(lo, hi, size=(SEED_DRAWS_PER_CELL * n_target, 3)):
         if len(points) >= n_target:
             break
         if (np.linalg.norm(centers - candidate, axis=1) < clearance).any():
@@ -161,7 +172,7 @@ def _place_mito(
     shape = np.array(img.shape)
     target = rng.uniform(0.04, 0.07) * img.size
     count = 0
-    for _ in range(4000):
+    for _ in range(MITO_ATTEMPTS):
         if count >= target:
             break
         radius = rng.uniform(6.5, 12.0)
