@@ -16,7 +16,7 @@ from joenet.checkpoint import cached_model, resolve_device, weights_fingerprint
 from joenet.predict.executor import run_dask, run_local
 from joenet.predict.input_image import InputImage, open_input
 from joenet.predict.tiling import STEP, autocast_dtype, check_tiling, tile_margin
-from joenet.predict.work_units import PLANE_AXES, BlockJob, make_blocks
+from joenet.predict.work_units import PLANE_AXES, Block, BlockJob, make_blocks
 from joenet.predict.writer import CompletionRecord, check_output, open_output
 from joenet.volume import VolumeError, check_z_range, fit_normalization
 from joenet.volume.components import label_instances
@@ -143,6 +143,43 @@ def _job_options(
         "planes": planes,
         "device": device,
     }
+
+
+def _pending_blocks(
+    output: str | os.PathLike,
+    image: InputImage,
+    planes: tuple[str, ...],
+    block_size: int,
+    tile: int,
+    z_range: tuple[int, int],
+) -> tuple[CompletionRecord, list[Block], list[Block]]:
+    """The output's completion record, all blocks of ``z_range`` and those not yet done."""
+    blocks, grid = make_blocks(image.shape, image.chunks, planes, block_size, tile, z_range)
+    record = CompletionRecord(output)
+    record.create(grid)
+    done = record.done()
+    pending = [block for block in blocks if block.index not in done]
+    log.info(
+        "%d blocks, %d already done, %d to predict",
+        len(blocks),
+        len(blocks) - len(pending),
+        len(pending),
+    )
+    return record, blocks, pending
+
+
+def _label_instances(group: Any, record: CompletionRecord, job: BlockJob, changed: bool) -> None:
+    """Connected components of each class's mask into ``<class>_instances``, once per z range
+    (again when blocks were predicted since)."""
+    z_range = list(job.z_range)
+    labelled = record.attrs().get(_INSTANCES_RECORD, [])
+    if not changed and z_range in labelled:
+        return
+    cut = 1 if job.threshold is not None else 128  # probability >= 0.5 on the x 255 scale
+    for name in job.class_names:
+        count = label_instances(group[name], group[f"{name}_instances"], cut, job.z_range)
+        log.info("%s: %d instances", name, count)
+    record.update_attrs({_INSTANCES_RECORD: [*labelled, z_range]})
 
 
 def _fingerprint(
@@ -286,26 +323,11 @@ def predict_volume(
         earlier,
         overwrite=overwrite,
     )
-    blocks, grid = make_blocks(image.shape, image.chunks, plane_names, block_size, tile, z_range)
-    record = CompletionRecord(output)
-    record.create(grid)
-    done = record.done()
-    pending = [block for block in blocks if block.index not in done]
-    log.info(
-        "%d blocks, %d already done, %d to predict",
-        len(blocks),
-        len(blocks) - len(pending),
-        len(pending),
-    )
+    record, blocks, pending = _pending_blocks(output, image, plane_names, block_size, tile, z_range)
     if executor == "dask":
         run_dask(job, pending, len(blocks), n_workers, scheduler_address, progress)
     else:
         run_local(job, pending, len(blocks), progress)
-    labelled = record.attrs().get(_INSTANCES_RECORD, [])
-    if instances and (pending or list(z_range) not in labelled):
-        cut = 1 if threshold is not None else 128  # probability >= 0.5 on the x 255 scale
-        for name in job.class_names:
-            count = label_instances(group[name], group[f"{name}_instances"], cut, z_range)
-            log.info("%s: %d instances", name, count)
-        record.update_attrs({_INSTANCES_RECORD: [*labelled, list(z_range)]})
+    if instances:
+        _label_instances(group, record, job, bool(pending))
     return Path(output)
