@@ -345,17 +345,20 @@ def test_n5_dataset_axes_reversed_to_zyx(tmp_path: Path) -> None:
     assert open_source(str(tmp_path / "c.n5" / "em" / "raw")).shape == SHAPE
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "joenet.data.convert", *args]
+def _run_cli(*args: str, module: str = "joenet.convert") -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", module, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.slow  # a subprocess
-def test_cli(tmp_path: Path) -> None:
+@pytest.mark.parametrize("module", ["joenet.convert", "joenet.data.convert"])  # the first name
+def test_cli(module: str, tmp_path: Path) -> None:
     raw = _tif(tmp_path / "raw.tif", _raw())
     mito = _tif(tmp_path / "mito.tif", _instances())
     options = ["--voxel-size", "8", "4", "4", "--chunks", "1", "32", "32", "--no-progress"]
-    ok = _run_cli(str(tmp_path / "c.zarr"), "--raw", raw, "--label", f"mito={mito}", *options)
+    ok = _run_cli(
+        str(tmp_path / "c.zarr"), "--raw", raw, "--label", f"mito={mito}", *options, module=module
+    )
     assert ok.returncode == 0, ok.stderr
     assert "labels/mito: instance ids (max 700) -> 0/1 foreground (auto)" in ok.stderr
     group = zarr.open_group(tmp_path / "c.zarr", mode="r")
@@ -363,7 +366,7 @@ def test_cli(tmp_path: Path) -> None:
     assert group.attrs["voxel_size_nm"] == [8, 4, 4]
 
     missing = tmp_path / "nowhere.tif"
-    bad = _run_cli(str(tmp_path / "d.zarr"), "--raw", str(missing))
+    bad = _run_cli(str(tmp_path / "d.zarr"), "--raw", str(missing), module=module)
     assert bad.returncode == 1
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [f"error: {missing}: no such file or directory"]
