@@ -88,6 +88,20 @@ class RecordSamples(L.Callback):
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+class SignalAtStep(L.Callback):
+    """Send this process ``signum`` (a real signal) at the start of a global step, once."""
+
+    def __init__(self, step: int, marker: str, signum: int):
+        self.step, self.marker, self.signum = step, Path(marker), signum
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            import os
+
+            self.marker.write_text(str(self.signum))
+            os.kill(os.getpid(), self.signum)
+
+
 class KillAtStep(L.Callback):
     """SIGKILL this process at the start of a global step, once (a marker file remembers it)."""
 

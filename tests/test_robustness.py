@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,58 @@ def test_crafted_checkpoint_does_not_run_code(cfg_tiny: DictConfig, tmp_path: Pa
     with pytest.raises(pickle.UnpicklingError):  # and so does prediction
         predict_volume(crafted, cfg_tiny.data.path, tmp_path / "pred.zarr", progress=False)
     assert not marker.exists()
+
+
+@pytest.mark.slow  # subprocesses
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_mid_epoch_and_resumes(
+    signum: int, data_dir: Path, tmp_path: Path
+) -> None:
+    """SIGTERM (a scheduler's kill) or SLURM's SIGUSR1 warning, delivered for real mid-epoch."""
+    overrides = [
+        *(o for o in tiny_overrides(data_dir, tmp_path) if not o.startswith("paths.output_dir")),
+        "trainer.max_epochs=3",
+        "trainer.deterministic=true",
+    ]
+    run_dir = tmp_path / "preempted"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "joenet.train", *args]
+        return subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+
+    stopped = run(
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.signal._target_=tests.helpers.SignalAtStep",
+        "+callbacks.signal.step=4",  # the first step of epoch 3 (2 steps per epoch)
+        f"+callbacks.signal.marker={tmp_path / 'signalled.marker'}",
+        f"+callbacks.signal.signum={int(signum)}",
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert stopped.returncode == 128 + signum, stopped.stderr[-2000:]
+    name = signal.Signals(signum).name
+    assert (
+        f"joenet: stopped by {name}; last.ckpt written at this step: resume with ckpt_path={last}"
+        in stopped.stderr
+    )
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 5  # the signalled step finished, mid-epoch 3
+    assert not list(last.parent.glob(".partial-*"))  # written whole
+
+    resumed = run(
+        f"--config-path={run_dir / '.hydra'}",
+        "--config-name=config",
+        f"hydra.run.dir={run_dir}",
+        "ckpt_path=last",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = torch.load(last, weights_only=True)
+    assert final["global_step"] == 6 and final["epoch"] == 2
+    straight = run(*overrides, f"hydra.run.dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    reference = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], value), key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,6 +14,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import default_collate
+
+from joenet.cli import Preempted
 
 
 class ValidationImageLogger(L.Callback):
@@ -123,3 +126,69 @@ class EMA(EMAWeightAveraging):
             # joenet's configure_model only sets the memory format and compiles: no sharding.
             warnings.filterwarnings("ignore", message=".*overrides the configure_model.*")
             super().setup(trainer, pl_module, stage)
+
+
+class CheckpointOnPreemption(L.Callback):
+    """On SIGTERM or SIGUSR1, finish the running step, write ``last.ckpt`` and stop training.
+
+    SIGTERM is what SLURM (``scancel``, preemption, the end of ``--time``), Kubernetes and most
+    schedulers send before killing; SLURM sends SIGUSR1 ahead of it when asked
+    (``#SBATCH --signal=USR1@90``). Lightning only records SIGTERM and stops at the end of the
+    epoch, too late on a cluster; here the step that is running completes, ``last.ckpt`` is
+    written (atomically, by the trainer's checkpoint plugin) where the ``last`` ModelCheckpoint
+    keeps it, and ``joenet.train`` exits with 128 + the signal number after saying how to
+    resume (:class:`joenet.cli.Preempted`). Under SLURM with Lightning's auto-requeue, SIGUSR1
+    stays Lightning's (it saves and requeues the job itself).
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.checkpoint: str | None = None
+        self._previous: Any = None
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            self._previous = signal.signal(signal.SIGUSR1, self._record)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        import signal
+
+        if trainer.received_sigterm and self.received is None:
+            self.received = int(signal.SIGTERM)
+        if self.received is None or self.checkpoint is not None:
+            return
+        self.checkpoint = str(last_checkpoint_path(trainer))
+        trainer.save_checkpoint(self.checkpoint)
+        # Stop now: ending the epoch would validate and checkpoint again, marking an epoch done
+        # that was not. Lightning passes the exception through its teardown.
+        raise Preempted(self.received, self.checkpoint)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, err: BaseException
+    ) -> None:
+        self.on_fit_end(trainer, pl_module)
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> Path:
+    """Where this run keeps ``last.ckpt``: the monitor-free ModelCheckpoint's directory."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor is None and callback.dirpath:
+            return Path(callback.dirpath) / f"{callback.filename or 'last'}.ckpt"
+    return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"

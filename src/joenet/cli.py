@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,19 @@ def describe(err: BaseException) -> str:
     return f"{type(cause).__name__}: {message}"
 
 
+class Preempted(Exception):
+    """Training stopped by a scheduler's signal; ``checkpoint`` is where it can resume from."""
+
+    def __init__(self, signum: int, checkpoint: str | None) -> None:
+        self.signum, self.checkpoint = int(signum), checkpoint
+        name = signal.Signals(self.signum).name
+        if checkpoint:
+            where = f"last.ckpt written at this step: resume with ckpt_path={checkpoint}"
+        else:
+            where = "no step finished since the last checkpoint: resume from its last.ckpt"
+        super().__init__(f"stopped by {name}; {where}")
+
+
 def exit_on_error(task: Callable[..., T]) -> Callable[..., T]:
     """Decorate a Hydra task function: an exception becomes ``error: ...`` on stderr and exit 1.
 
@@ -51,6 +65,9 @@ def exit_on_error(task: Callable[..., T]) -> Callable[..., T]:
     def wrapper(*args, **kwargs) -> T:
         try:
             return task(*args, **kwargs)
+        except Preempted as stop:  # not an error: say where to resume, exit as a signal would
+            print(f"joenet: {stop}", file=sys.stderr)
+            sys.exit(128 + stop.signum)
         except Exception as err:
             if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
                 raise

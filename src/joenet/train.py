@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from joenet.cli import exit_on_error
+from joenet.cli import Preempted, exit_on_error
 from joenet.config import config_dir, register_resolvers
 from joenet.lit_module import SegmentationLitModule
 from joenet.run_info import write_run_info
@@ -36,7 +39,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger=_instantiate_all(cfg.get("logger")),
     )
     write_run_info(cfg.paths.output_dir, cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:  # SIGTERM outside a training step (validation): a bare SystemExit
+        raise Preempted(signal.SIGTERM, None) from None
     return {name: float(value) for name, value in trainer.callback_metrics.items()}
 
 

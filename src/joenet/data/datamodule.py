@@ -216,7 +216,16 @@ class EMDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
         sampler = ShardSampler(self.patches_per_epoch, rank, world)
+        sampler.already_seen = self._seen_this_epoch
         return self._loader(self.train_dataset, sampler, _CollateWithAugmentParams(self.augment))
+
+    def _seen_this_epoch(self) -> int:
+        """Patches of this rank already trained in the epoch that starts iterating: nonzero only
+        when resuming from a mid-epoch checkpoint (Lightning's loops are restored by then)."""
+        trainer = self.trainer  # None outside a Trainer (the data module used on its own)
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed) * self.batch_size
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()

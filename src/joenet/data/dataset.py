@@ -9,7 +9,7 @@ without empty corners (see ``joenet.data.augment``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -179,13 +179,17 @@ class ShardSampler(Sampler[int]):
         self.world_size = world_size
         self.offset_by_epoch = offset_by_epoch
         self.epoch = 0
+        # Asked at each iteration: ids of this rank already trained in this epoch, so that a run
+        # resumed from a mid-epoch checkpoint continues the epoch instead of repeating its start.
+        self.already_seen: Callable[[], int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         offset = self.epoch * self.size if self.offset_by_epoch else 0
-        return iter(range(offset + self.rank, offset + self.size, self.world_size))
+        ids = range(offset + self.rank, offset + self.size, self.world_size)
+        return iter(ids[self.already_seen() if self.already_seen else 0 :])
 
     def __len__(self) -> int:
         return len(range(self.rank, self.size, self.world_size))
