@@ -247,3 +247,27 @@ def test_preemption_signal_checkpoints_mid_epoch_and_resumes(
     reference = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
     for key, value in reference["state_dict"].items():
         assert torch.equal(final["state_dict"][key], value), key
+
+
+def test_preemption_leaves_sigusr1_to_lightning_under_slurm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under SLURM with auto-requeue, SIGUSR1 stays free for Lightning's save-and-requeue."""
+    import lightning as L
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from joenet.callbacks import CheckpointOnPreemption
+
+    callback = CheckpointOnPreemption()
+    for environment, expect_ours in ((SLURMEnvironment(auto_requeue=True), False), (None, True)):
+        plugins = [environment] if environment else []
+        trainer = L.Trainer(accelerator="cpu", plugins=plugins, logger=False)
+        previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        try:
+            callback.on_fit_start(trainer, None)
+            ours = signal.getsignal(signal.SIGUSR1) == callback._record
+            assert ours == expect_ours
+            callback.on_fit_end(trainer, None)
+            assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # restored
+        finally:
+            signal.signal(signal.SIGUSR1, previous)

@@ -155,6 +155,8 @@ class CheckpointOnPreemption(L.Callback):
 
         if threading.current_thread() is not threading.main_thread():
             return  # signals reach the main thread only
+        if _slurm_requeues(trainer):
+            return  # Lightning registers its SIGUSR1 handler later, unless one is there already
         if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
             self._previous = signal.signal(signal.SIGUSR1, self._record)
 
@@ -182,6 +184,15 @@ class CheckpointOnPreemption(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, err: BaseException
     ) -> None:
         self.on_fit_end(trainer, pl_module)
+
+
+def _slurm_requeues(trainer: L.Trainer) -> bool:
+    """Lightning's SLURM auto-requeue is on: SIGUSR1 saves and requeues the job."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    # Where Lightning's own signal connector looks (no public accessor in Lightning 2.6).
+    environment = trainer._accelerator_connector.cluster_environment
+    return isinstance(environment, SLURMEnvironment) and environment.auto_requeue
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
