@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -184,14 +185,33 @@ def test_crafted_checkpoint_does_not_run_code(cfg_tiny: DictConfig, tmp_path: Pa
 
     with pytest.raises(pickle.UnpicklingError):
         SegmentationLitModule.load_from_checkpoint(crafted, weights_only=True)
-    with pytest.raises(pickle.UnpicklingError):
+    refused = rf"init_from={re.escape(str(crafted))}: refused to load, it holds objects"
+    with pytest.raises(ValueError, match=refused):
         model.init_weights_from(crafted)
     trainer = instantiate(cfg_tiny.trainer, logger=False)
     with pytest.raises(pickle.UnpicklingError):  # resuming (ckpt_path=) loads weights-only too
         trainer.fit(model, datamodule=instantiate(cfg_tiny.data), ckpt_path=crafted)
-    with pytest.raises(pickle.UnpicklingError):  # and so does prediction
+    with pytest.raises(ValueError, match=r"ckpt_path=.*crafted\.ckpt: refused to load"):
         predict_volume(crafted, cfg_tiny.data.path, tmp_path / "pred.zarr", progress=False)
     assert not marker.exists()
+
+
+def test_unreadable_checkpoints_name_the_file(ckpt_path: Path, volume_path: Path, tmp_path: Path):
+    """A text file, a truncated checkpoint and a bare state dict: one line naming the file."""
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(ckpt_path.read_bytes()[:5000])
+    bare = tmp_path / "bare.ckpt"
+    torch.save(torch.load(ckpt_path, weights_only=True)["state_dict"], bare)
+    for path, expected in (
+        (text, "not a readable checkpoint"),
+        (truncated, "not a readable checkpoint"),
+        (bare, r"not a joenet training checkpoint \(no 'state_dict'; a bare"),
+    ):
+        with pytest.raises(ValueError, match=rf"ckpt_path={re.escape(str(path))}: {expected}"):
+            predict_volume(path, volume_path, tmp_path / f"{path.stem}.zarr", progress=False)
+        assert not (tmp_path / f"{path.stem}.zarr").exists()  # refused before writing
 
 
 @pytest.mark.slow  # subprocesses

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -50,11 +51,35 @@ def read_checkpoint(
             f"{key}={path}: no such checkpoint file (expected a .ckpt of a joenet training run, "
             "e.g. logs/train/runs/<date>_<time>/checkpoints/best.ckpt)"
         )
-    checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        lines = str(err).strip().splitlines()
+        refused = next((line.strip() for line in lines if "Unsupported global" in line), None)
+        if refused:  # weights_only refused an object: a crafted file, or not joenet's
+            raise ValueError(
+                f"{key}={path}: refused to load, it holds objects beyond tensors and plain "
+                f"values ({refused[:160]}); joenet checkpoints never do, so this file was not "
+                "written by joenet.train"
+            ) from None
+        # torch's message is a paragraph; its own reason is the line after "WeightsUnpickler".
+        reason = next((line.strip() for line in lines if line.startswith("Unsupported")), "")
+        raise ValueError(
+            f"{key}={path}: not a readable checkpoint (unpickling failed: "
+            f"{reason[:80] or 'bad data'}); expected a .ckpt written by joenet.train, complete"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # zip/pickle readers' errors
+        raise ValueError(
+            f"{key}={path}: not a readable checkpoint ({type(err).__name__}: "
+            f"{str(err).strip()[:120]}); expected a .ckpt written by joenet.train, complete"
+        ) from None
     if plain_state_dict and isinstance(checkpoint, dict) and "state_dict" not in checkpoint:
         checkpoint = {"state_dict": checkpoint}
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{key}={path}: not a joenet training checkpoint (no 'state_dict')")
+        raise ValueError(
+            f"{key}={path}: not a joenet training checkpoint (no 'state_dict'; a bare "
+            "torch.save(state_dict) has no config to rebuild the network from)"
+        )
     return checkpoint
 
 
