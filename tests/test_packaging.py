@@ -80,3 +80,22 @@ def test_installed_package_composes_from_any_directory(wheel: Path, tmp_path: Pa
     assert Path(config_path) == site / "joenet" / "conf"
     assert down == "maxpool"
     assert Path(data_dir) == tmp_path / "home" / ".cache" / "joenet" / "data"
+
+
+def test_dependency_floors_load_checkpoints_safely() -> None:
+    """Every checkpoint load is weights-only: torch >= 2.6 defaults to it, Lightning >= 2.6
+    takes ``Trainer.fit(weights_only=True)`` (what train passes on resume)."""
+    import inspect
+    import re
+    import tomllib
+
+    import lightning as L
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floors = {}
+    for requirement in project["dependencies"]:
+        match = re.match(r"([a-z-]+)>=(\d+)\.(\d+)", requirement)
+        if match:
+            floors[match[1]] = (int(match[2]), int(match[3]))
+    assert floors["torch"] >= (2, 6) and floors["lightning"] >= (2, 6)
+    assert "weights_only" in inspect.signature(L.Trainer.fit).parameters

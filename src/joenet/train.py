@@ -40,7 +40,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     write_run_info(cfg.paths.output_dir, cfg)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # weights_only: a resumed checkpoint can hold only tensors and plain values, never code.
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     except SIGTERMException:  # SIGTERM outside a training step (validation): a bare SystemExit
         raise Preempted(signal.SIGTERM, None) from None
     return {name: float(value) for name, value in trainer.callback_metrics.items()}
