@@ -222,10 +222,11 @@ class EMDataModule(L.LightningDataModule):
     def _seen_this_epoch(self) -> int:
         """Patches of this rank already trained in the epoch that starts iterating: nonzero only
         when resuming from a mid-epoch checkpoint (Lightning's loops are restored by then)."""
-        trainer = self.trainer  # None outside a Trainer (the data module used on its own)
-        if trainer is None or not trainer.fit_loop.restarting:
+        # No trainer (the data module used on its own) or not Lightning's: nothing to resume.
+        loop = getattr(self.trainer, "fit_loop", None)
+        if loop is None or not loop.restarting:
             return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed) * self.batch_size
+        return int(loop.epoch_loop.batch_progress.current.completed) * self.batch_size
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
