@@ -83,6 +83,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         lambda tmp: ["data.patch_size=128"],
         r"slices are 96x96 px but training reads 18[0-9]x18[0-9]",
     ),
+    "learning rate not a number": (
+        lambda tmp: ["model.lr=abc"],
+        r"model\.lr must be a number > 0, got 'abc'",
+    ),
     "misspelt model key": (
         lambda tmp: ["+model.net.chanels=[4,8,16,32]"],
         r"unexpected keyword argument 'chanels': check the spelling",

@@ -76,6 +76,14 @@ class SegmentationLitModule(L.LightningModule):
         memory_format: Literal["auto", "channels_last", "contiguous"] = "auto",
     ):
         super().__init__()
+        _check_numbers(
+            lr=(lr, 0.0, False),
+            weight_decay=(weight_decay, 0.0, True),
+            bce_weight=(bce_weight, 0.0, True),
+            dice_weight=(dice_weight, 0.0, True),
+            threshold=(threshold, 0.0, False),
+            warmup=(warmup, 0.0, True),
+        )
         if memory_format not in ("auto", "channels_last", "contiguous"):
             raise ValueError(
                 "model.memory_format must be 'auto', 'channels_last' or 'contiguous', "
@@ -284,3 +292,13 @@ def _adamw(params: Any, lr: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=lr, fused=True)
     except RuntimeError:  # no fused kernel for this device or dtype
         return torch.optim.AdamW(params, lr=lr)
+
+
+def _check_numbers(**values: tuple[object, float, bool]) -> None:
+    """``model.<key>`` must be a number above (or, when allowed, equal to) its lower bound:
+    a string from the command line (``model.lr=abc``) fails here, not deep in the optimizer."""
+    for key, (value, low, inclusive) in values.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or value < low or (value == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            raise ValueError(f"model.{key} must be a number {bound}, got {value!r}")
