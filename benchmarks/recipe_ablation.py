@@ -35,6 +35,21 @@ from time_to_accuracy import DEFAULT_DATA, load_validation, mito_iou
 
 from joenet.config import config_dir, register_resolvers
 
+# Training only: no validation loop, logger, checkpoints, images or progress bar (the
+# benchmarks measure the network themselves).
+NO_OUTPUTS = [
+    "+trainer.limit_val_batches=0",
+    "+trainer.num_sanity_val_steps=0",
+    "+trainer.enable_checkpointing=false",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+    "~logger",
+    "~callbacks.validation_images",
+    "~callbacks.model_checkpoint",
+    "~callbacks.last_checkpoint",
+    "~callbacks.early_stopping",
+    "~callbacks.lr_monitor",
+]
 # The seed's rows start from experiment=seed_literal: joenet's defaults are the recipe now.
 SEED = ["experiment=seed_literal"]
 STEM = [*SEED, "model.net.input_norm=false"]
@@ -111,17 +126,7 @@ def base_overrides(data: Path, patches: int, out_dir: Path) -> list[str]:
         "data.patches_per_epoch=1000000",
         "trainer.max_epochs=-1",
         f"+trainer.max_steps={patches // 4}",
-        "+trainer.limit_val_batches=0",
-        "~logger",
-        "~callbacks.validation_images",
-        "~callbacks.model_checkpoint",
-        "~callbacks.last_checkpoint",
-        "~callbacks.early_stopping",
-        "~callbacks.lr_monitor",
-        "+trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false",
-        "+trainer.num_sanity_val_steps=0",
-        "+trainer.enable_checkpointing=false",
+        *NO_OUTPUTS,
     ]
 
 

@@ -159,7 +159,7 @@ def train_one(
     """
     from hydra.utils import instantiate
     from omegaconf import open_dict
-    from recipe_ablation import compose
+    from recipe_ablation import NO_OUTPUTS, compose
 
     from joenet.config import config_dir
     from joenet.train import _instantiate_all
@@ -174,17 +174,7 @@ def train_one(
                 f"trainer.max_time={budget}",
                 "trainer.max_epochs=-1",
                 "data.num_workers=0",
-                "+trainer.limit_val_batches=0",
-                "+trainer.num_sanity_val_steps=0",
-                "+trainer.enable_checkpointing=false",
-                "+trainer.enable_progress_bar=false",
-                "+trainer.enable_model_summary=false",
-                "~logger",
-                "~callbacks.validation_images",
-                "~callbacks.model_checkpoint",
-                "~callbacks.last_checkpoint",
-                "~callbacks.early_stopping",
-                "~callbacks.lr_monitor",
+                *NO_OUTPUTS,
                 *overrides,
             ],
             config_dir(),
