@@ -85,7 +85,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     ),
     "learning rate not a number": (
         lambda tmp: ["model.lr=abc"],
-        r"model\.lr must be a number > 0, got 'abc'",
+        r"model\.lr must be a number >= 0, got 'abc'",
     ),
     "misspelt model key": (
         lambda tmp: ["+model.net.chanels=[4,8,16,32]"],

@@ -77,7 +77,7 @@ class SegmentationLitModule(L.LightningModule):
     ):
         super().__init__()
         _check_numbers(
-            lr=(lr, 0.0, False),
+            lr=(lr, 0.0, True),
             weight_decay=(weight_decay, 0.0, True),
             bce_weight=(bce_weight, 0.0, True),
             dice_weight=(dice_weight, 0.0, True),
