@@ -172,13 +172,18 @@ class CheckpointOnPreemption(L.Callback):
 
         if trainer.received_sigterm and self.received is None:
             self.received = int(signal.SIGTERM)
-        if self.received is None or self.checkpoint is not None:
+        # save_checkpoint is collective under DDP: every rank saves and stops at the same step,
+        # the first step after any rank was signalled (one small all-reduce per step).
+        signalled = self.received is not None
+        if self.checkpoint is not None:
+            return
+        if not trainer.strategy.reduce_boolean_decision(signalled, all=False):
             return
         self.checkpoint = str(last_checkpoint_path(trainer))
         trainer.save_checkpoint(self.checkpoint)
         # Stop now: ending the epoch would validate and checkpoint again, marking an epoch done
         # that was not. Lightning passes the exception through its teardown.
-        raise Preempted(self.received, self.checkpoint)
+        raise Preempted(self.received or int(signal.SIGTERM), self.checkpoint)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, err: BaseException

@@ -121,30 +121,6 @@ def _check_voxel_size(
         warnings.warn(message, stacklevel=3)
 
 
-def _job_options(
-    tile: int,
-    overlap: int,
-    blending: str,
-    batch_size: int | None,
-    precision: str,
-    tta: bool,
-    planes: tuple[str, ...],
-    device: str,
-) -> dict[str, Any]:
-    """The BlockJob fields that are options as given (``device`` is resolved by the process
-    that predicts: a GPU worker picks its own GPU)."""
-    return {
-        "tile": tile,
-        "overlap": overlap,
-        "blending": blending,
-        "batch_size": batch_size,
-        "precision": str(precision),
-        "tta": bool(tta),
-        "planes": planes,
-        "device": device,
-    }
-
-
 def _pending_blocks(
     output: str | os.PathLike,
     image: InputImage,
@@ -180,6 +156,26 @@ def _label_instances(group: Any, record: CompletionRecord, job: BlockJob, change
         count = label_instances(group[name], group[f"{name}_instances"], cut, job.z_range)
         log.info("%s: %d instances", name, count)
     record.update_attrs({_INSTANCES_RECORD: [*labelled, z_range]})
+
+
+def _output_attrs(
+    job: BlockJob,
+    input: str | os.PathLike,
+    config: Mapping[str, Any] | None,
+    voxel_size: Sequence[float] | None,
+    fingerprint: dict[str, Any],
+) -> dict[str, Any]:
+    """The output group's ``joenet`` attributes: what made it, and what a rerun must match."""
+    return {
+        "checkpoint": job.ckpt_path,
+        "version": joenet.__version__,
+        "input": str(input),
+        "config": dict(config or {}),
+        "class_names": list(job.class_names),
+        "values": "mask 0/1" if job.threshold is not None else "probability x 255",
+        "voxel_size_nm": voxel_size,
+        "fingerprint": fingerprint,
+    }
 
 
 def _fingerprint(
@@ -290,11 +286,18 @@ def predict_volume(
         input_path=_absolute(input),  # workers may run elsewhere: no relative paths
         output_path=_absolute(output),
         class_names=tuple(model.class_names),
+        tile=tile,
+        overlap=overlap,
         margin=tile_margin(overlap, model.receptive_field),
+        blending=blending,
+        batch_size=batch_size,
+        precision=str(precision),
+        tta=bool(tta),
+        planes=plane_names,
         threshold=None if threshold is None else float(threshold),
-        normalization=_hashable(normalization),
-        **_job_options(tile, overlap, blending, batch_size, precision, tta, plane_names, device),
+        device=device,  # resolved by the process that predicts (a GPU worker: its GPU)
         z_range=z_range,
+        normalization=_hashable(normalization),
     )
     arrays = {name: "uint8" for name in job.class_names}
     if instances:
@@ -302,16 +305,7 @@ def predict_volume(
     fingerprint = _fingerprint(
         job, model.net, image, normalization, compute_dtype, arrays, block_size
     )
-    attrs = {
-        "checkpoint": job.ckpt_path,
-        "version": joenet.__version__,
-        "input": str(input),
-        "config": dict(config or {}),
-        "class_names": list(job.class_names),
-        "values": "mask 0/1" if threshold is not None else "probability x 255",
-        "voxel_size_nm": voxel_size,
-        "fingerprint": fingerprint,
-    }
+    attrs = _output_attrs(job, input, config, voxel_size, fingerprint)
     group = open_output(
         output,
         arrays,
