@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -54,16 +55,17 @@ def read_checkpoint(
     try:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
-        lines = str(err).strip().splitlines()
-        refused = next((line.strip() for line in lines if "Unsupported global" in line), None)
-        if refused:  # weights_only refused an object: a crafted file, or not joenet's
+        # torch's message is a paragraph; its own reason reads "Unsupported global: ..."
+        # (an object weights_only refuses: a crafted file) or "Unsupported operand ..." (not
+        # a pickle at all).
+        found = re.search(r"Unsupported[^\n]*", str(err))
+        reason = found.group(0).strip() if found else ""
+        if reason.startswith("Unsupported global"):
             raise ValueError(
                 f"{key}={path}: refused to load, it holds objects beyond tensors and plain "
-                f"values ({refused[:160]}); joenet checkpoints never do, so this file was not "
+                f"values ({reason[:160]}); joenet checkpoints never do, so this file was not "
                 "written by joenet.train"
             ) from None
-        # torch's message is a paragraph; its own reason is the line after "WeightsUnpickler".
-        reason = next((line.strip() for line in lines if line.startswith("Unsupported")), "")
         raise ValueError(
             f"{key}={path}: not a readable checkpoint (unpickling failed: "
             f"{reason[:80] or 'bad data'}); expected a .ckpt written by joenet.train, complete"
