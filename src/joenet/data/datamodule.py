@@ -19,7 +19,7 @@ from joenet.volume import VolumeError, ZarrVolume
 
 _PARAMS_KEY = "augment_params"
 # Foreground voxels remembered per slice and class for centring windows: enough to reach every
-# object of a slice, few enough to hold for thousands of slices (16 kB per slice).
+# object of a slice, few enough to hold for thousands of slices (48 kB per slice and class).
 _FOREGROUND_POINTS_PER_SLICE = 2000
 # Patch sides are multiples of this: the default 5-level network's divisor (UNet2d checks its
 # own) and prediction's tile step (joenet.predict.tiling.STEP).
