@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -13,88 +12,22 @@ import torch
 
 import joenet
 from joenet.checkpoint import cached_model, resolve_device, weights_fingerprint
+from joenet.predict import checks
 from joenet.predict.executor import run_dask, run_local
 from joenet.predict.input_image import InputImage, open_input
-from joenet.predict.tiling import STEP, autocast_dtype, check_tiling, tile_margin
-from joenet.predict.work_units import PLANE_AXES, Block, BlockJob, make_blocks
+from joenet.predict.tiling import autocast_dtype, tile_margin
+from joenet.predict.work_units import Block, BlockJob, make_blocks
 from joenet.predict.writer import CompletionRecord, check_output, open_output
-from joenet.volume import VolumeError, check_z_range, fit_normalization
+from joenet.volume import check_z_range
 from joenet.volume.components import label_instances
 
 log = logging.getLogger(__name__)
-_VOXEL_TOLERANCE = 0.10
 _INSTANCES_RECORD = "instances_z_ranges"  # z ranges whose instance labels are complete
 _FINGERPRINT_KEYS = ("tile", "overlap", "blending", "tta", "threshold")
-_FLOAT_FIX = (
-    "the checkpoint reads float input as intensities in [0, 1] (dtype_range, as its training "
-    "data): rescale the input to [0, 1] as that data was, or store it as uint8 / uint16"
-)
-
-
-def parse_planes(planes: str | Sequence[str]) -> tuple[str, ...]:
-    """``"xy"``, ``"xy,xz,yz"`` or a list of plane names, as a tuple in that order."""
-    names = planes.split(",") if isinstance(planes, str) else list(planes)
-    names = [name.strip() for name in names]
-    unknown = [name for name in names if name not in PLANE_AXES]
-    if unknown or not names or len(set(names)) != len(names):
-        raise ValueError(
-            f"planes must name distinct planes out of {list(PLANE_AXES)}, got {planes!r}: "
-            "use xy, or [xy,xz,yz] to average over the three orientations"
-        )
-    return tuple(names)
 
 
 def _absolute(path: str | os.PathLike) -> str:
     return str(path) if "://" in str(path) else str(Path(path).resolve())
-
-
-def _check_options(
-    tile: int, overlap: int, executor: str, threshold: float | None, block_size: int
-) -> None:
-    check_tiling(tile, overlap)
-    if executor not in ("local", "dask"):
-        raise ValueError(f"executor must be 'local' or 'dask', got {executor!r}")
-    if threshold is not None and not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1] or null, got {threshold}")
-    if block_size < tile:
-        raise ValueError(f"block_size ({block_size}) must be at least tile ({tile})")
-
-
-def _check_overlap(overlap: int, receptive_field: int) -> None:
-    if overlap < receptive_field // 2:
-        warnings.warn(
-            f"overlap={overlap} px is less than half the model's receptive field "
-            f"({receptive_field} px): tiles use pixels with little context and seams may show; "
-            f"use overlap >= {_round_up(_round_up(receptive_field, 2) // 2, STEP)}",
-            stacklevel=3,
-        )
-    elif overlap < receptive_field:
-        log.info(
-            "overlap=%d px: tiles keep %d px of context at their seams; overlap >= %d px makes "
-            "tiled and whole-slice predictions equal",
-            overlap,
-            overlap // 2,
-            _round_up(receptive_field, STEP),
-        )
-
-
-def _round_up(value: int, step: int) -> int:
-    return -(-value // step) * step
-
-
-def _input_normalization(image: InputImage, normalization: Mapping[str, Any]) -> dict:
-    """The checkpoint's normalisation, fitted to this input's actual intensity range.
-
-    ``dtype_range`` means "the data's bit range maps to [0, 1]": it is resolved anew for the
-    input (12-bit data in uint16 / 4095, whatever depth the training data had); ``fixed`` (and
-    resolved percentiles) is applied as trained, with a warning when the input does not fit it.
-    """
-    try:  # one voxel: does the training normalisation apply to this dtype?
-        image.read(((0, 1), (0, 1), (0, 1)), normalization)
-    except ValueError as err:
-        raise VolumeError(f"{image.where}: {err}") from None
-    asked = {key: value for key, value in normalization.items() if key != "bit_depth"}
-    return fit_normalization(image.sample(), asked, image.where, _FLOAT_FIX)
 
 
 def _hashable(mapping: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -102,23 +35,6 @@ def _hashable(mapping: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
         (key, tuple(value) if isinstance(value, list) else value)
         for key, value in sorted(mapping.items())
     )
-
-
-def _check_voxel_size(
-    input_voxel: Sequence[float] | None, train_voxel: Sequence[float] | None, input_path: str
-) -> None:
-    if not input_voxel or not train_voxel:
-        log.info("voxel size of the input or of the training data unknown: not compared")
-        return
-    ratios = [abs(a - b) / b for a, b in zip(input_voxel, train_voxel, strict=True)]
-    if max(ratios) > _VOXEL_TOLERANCE:
-        message = (
-            f"{input_path}: voxel size {list(input_voxel)} nm differs from the training data's "
-            f"{list(train_voxel)} nm by more than {_VOXEL_TOLERANCE:.0%}; the model sees objects "
-            "at another scale than it learned, resample the input for reliable predictions"
-        )
-        log.warning(message)
-        warnings.warn(message, stacklevel=3)
 
 
 def _pending_blocks(
@@ -268,19 +184,19 @@ def predict_volume(
     Returns:
         The output path.
     """
-    _check_options(tile, overlap, executor, threshold, block_size)
-    plane_names = parse_planes(planes)
+    checks.check_options(tile, overlap, executor, threshold, block_size)
+    plane_names = checks.parse_planes(planes)
     torch_device = resolve_device(device)
     compute_dtype = autocast_dtype(precision, torch_device)  # validates it before any work
     image = open_input(input)
     earlier = check_output(output, input)  # before anything is written
     model = cached_model(ckpt_path, torch_device)
     voxel_size = image.voxel_size_nm
-    _check_voxel_size(voxel_size, model.voxel_size_nm, str(input))
-    normalization = _input_normalization(image, model.normalization)
+    checks.check_voxel_size(voxel_size, model.voxel_size_nm, str(input))
+    normalization = checks.input_normalization(image, model.normalization)
     depth = image.shape[0]
     z_range = check_z_range(z_range, depth, str(input), "z_range")
-    _check_overlap(overlap, model.receptive_field)
+    checks.check_overlap(overlap, model.receptive_field)
     job = BlockJob(
         ckpt_path=str(Path(ckpt_path).resolve()),
         input_path=_absolute(input),  # workers may run elsewhere: no relative paths
