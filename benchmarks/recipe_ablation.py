@@ -90,6 +90,14 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "recipe_instance": ("default with InstanceNorm (BasicUNet's)", ["model.net.norm=instance"]),
     "recipe_leaky": ("default with LeakyReLU (BasicUNet's)", ["model.net.activation=leaky_relu"]),
     "recipe_maxpool": ("default with max-pool down (BasicUNet's)", ["model.net.down=maxpool"]),
+    "recipe_postact": (
+        "default with post-activation blocks, no shortcut (BasicUNet's)",
+        ["model.net.block=postact"],
+    ),
+    "recipe_postact_leaky": (
+        "default with BasicUNet's block: post-activation, LeakyReLU",
+        ["model.net.block=postact", "model.net.activation=leaky_relu"],
+    ),
     "recipe_lr1e-3": ("default with lr 1e-3", ["model.lr=1e-3"]),
     "recipe_lr3e-3": ("default with lr 3e-3", ["model.lr=3e-3"]),
     "recipe_fg0": (

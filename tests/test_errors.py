@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from joenet.cli import exit_on_error
 from joenet.train import train
-from tests.helpers import compose_train, tiny_overrides
+from tests.helpers import compose_train, tiny_overrides, train_tiny_checkpoint
 
 
 def _run_train(cfg: DictConfig, capsys: pytest.CaptureFixture) -> str:
@@ -188,3 +188,62 @@ def test_cli_misspelt_override_and_unwritable_output(tmp_path: Path) -> None:
     assert unwritable.returncode == 1
     assert f"error: cannot create the run directory {blocked}/logs" in unwritable.stderr
     assert "Traceback" not in unwritable.stderr
+
+
+def test_resume_with_another_network_is_one_line(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    last = train_tiny_checkpoint(data_dir, tmp_path / "first")
+    capsys.readouterr()
+    cfg = compose_train(
+        [
+            *tiny_overrides(data_dir, tmp_path / "resumed"),
+            f"ckpt_path={last}",
+            "model.net.channels=[8,16,32,64]",
+        ]
+    )
+    line = _run_train(cfg, capsys)
+    assert re.search(
+        r"ckpt_path=.*last\.ckpt: its weights do not fit model\.net=.*'channels': \[8, 16, 32, 64\]"
+        r".*\(trained with net=.*'channels': \[4, 8, 16, 32\].*size mismatch",
+        line,
+    ), line
+
+
+def _volume_with_labels(tmp: Path, **labels: np.ndarray) -> list[str]:
+    path = tmp / "v.zarr"
+    _volume(path, _good_raw(), **labels)
+    zarr.open_group(str(path), mode="a").require_group("labels")  # an empty labels/ group
+    return [f"data.path={path}", "data.synthetic=null"]
+
+
+def test_labels_group_without_arrays_is_refused_before_training(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = compose_train(
+        [*tiny_overrides(data_dir, tmp_path / "run"), *_volume_with_labels(tmp_path)]
+    )
+    line = _run_train(cfg, capsys)
+    assert re.search(
+        r"v\.zarr: no labels for any class \['nuclei', 'mito'\] \(expected labels/<class>", line
+    ), line
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before the first step
+
+
+@pytest.mark.parametrize("foreground_fraction", [0.0, 0.5])  # with and without sampled points
+def test_all_zero_labels_are_reported_before_training(
+    foreground_fraction: float, data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    zeros = np.zeros((12, 96, 96), np.uint8)
+    overrides = _volume_with_labels(tmp_path, mito=zeros, nuclei=_mito())
+    overrides.append(f"+data.foreground_fraction={foreground_fraction}")
+    cfg = compose_train([*tiny_overrides(data_dir, tmp_path / "run"), *overrides])
+    from hydra.utils import instantiate
+
+    with caplog.at_level("WARNING", logger="joenet.data.datamodule"):
+        instantiate(cfg.data).setup("fit")
+    warnings = [r.getMessage() for r in caplog.records if "all zero" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text  # mito only: nuclei has foreground
+    assert re.search(
+        r"labels/mito are all zero in the training data \(.*v\.zarr z \[0, 8\)\)", warnings[0]
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -297,3 +298,67 @@ def test_cli(volume_path: Path, tmp_path: Path) -> None:
         "mito_pr_curve.png",
         "mito_z0004.png",
     ]
+
+
+def _bad_evaluations(tmp: Path) -> dict[str, tuple[dict, str]]:
+    """Evaluations that must refuse with one line: (arguments of evaluate, expected message)."""
+    truth = _write_volume(tmp / "truth.zarr", {"mito": _TRUTH})
+    pred = _write_prediction(tmp / "pred.zarr", {"mito": _LEVELS})
+    small = _write_volume(tmp / "small.zarr", {"mito": _TRUTH[:, :2]})
+    no_labels = tmp / "no_labels.zarr"
+    zarr.open_group(str(no_labels), mode="w").create_array("raw", data=_LEVELS)
+    return {
+        "shape mismatch": (
+            {"prediction": pred, "truth": small},
+            r"pred\.zarr/mito has shape \(1, 4, 4\) but .*small\.zarr/labels/mito has \(1, 2, 4\)",
+        ),
+        "threshold above 1": (
+            {"prediction": pred, "truth": truth, "threshold": 1.5},
+            r"threshold must be a probability in \[0, 1\], got 1\.5",
+        ),
+        "iou_match above 1": (
+            {"prediction": pred, "truth": truth, "iou_match": 2.0},
+            r"iou_match must be an IoU in \(0, 1\], got 2\.0",
+        ),
+        "z_range beyond the depth": (
+            {"prediction": pred, "truth": truth, "z_range": [0, 5]},
+            r"pred\.zarr: z_range=\[0, 5\] must be \[start, stop\) .* 1 slices",
+        ),
+        "truth without labels": (
+            {"prediction": pred, "truth": no_labels},
+            r"nothing to evaluate: prediction .*pred\.zarr holds classes \['mito'\] and truth "
+            r".*no_labels\.zarr has no labels/ group.*truth= must be the volume",
+        ),
+        "prediction and truth swapped": (
+            {"prediction": truth, "truth": pred},
+            r"nothing to evaluate: .*are prediction= and truth= swapped\?",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "shape mismatch",
+        "threshold above 1",
+        "iou_match above 1",
+        "z_range beyond the depth",
+        "truth without labels",
+        "prediction and truth swapped",
+    ],
+)
+def test_bad_evaluation_gives_one_clear_line(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from joenet.cli import exit_on_error
+
+    arguments, expected = _bad_evaluations(tmp_path)[case]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        exit_on_error(evaluate)(out_dir=out, **arguments)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and re.search(expected, lines[0]), err
+    assert not (out / "metrics.json").exists()  # no empty report

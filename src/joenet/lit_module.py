@@ -121,6 +121,15 @@ class SegmentationLitModule(L.LightningModule):
     def init_weights_from(self, path: str | Path) -> None:
         """Load the network weights of a joenet checkpoint (``init_from=``), e.g. to fine-tune."""
         checkpoint = read_checkpoint(path, "init_from", plain_state_dict=True)
+        self._load_net_weights(checkpoint, f"init_from={path}")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resume (ckpt_path=) with another model.net: one line naming the file and both configs
+        # instead of Lightning's strict load listing every mismatching tensor.
+        path = self._trainer.ckpt_path if self._trainer else "the checkpoint"
+        self._load_net_weights(checkpoint, f"ckpt_path={path}")
+
+    def _load_net_weights(self, checkpoint: Mapping[str, Any], source: str) -> None:
         state = checkpoint["state_dict"]
         weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
         try:
@@ -128,7 +137,7 @@ class SegmentationLitModule(L.LightningModule):
         except RuntimeError as err:
             detail = str(err).splitlines()[1:3] or [str(err)]
             raise ValueError(
-                f"init_from={path}: its weights do not fit model.net={dict(self.hparams.net)} "
+                f"{source}: its weights do not fit model.net={dict(self.hparams.net)} "
                 f"(trained with net={checkpoint.get('hyper_parameters', {}).get('net')}): "
                 + " ".join(line.strip() for line in detail)
             ) from None

@@ -30,6 +30,7 @@ from joenet.convert.readers import Source, open_source
 from joenet.convert.values import ConvertError, LabelConverter, LabelMode, RawConverter
 from joenet.volume.atomic import replace_dir, staging_path
 from joenet.volume.layout import volume_attrs
+from joenet.volume.output_lock import exclusive_output
 
 DEFAULT_CHUNKS = (1, 256, 256)
 _SLAB_BYTES = 256 * 2**20  # input memory per slab; a slab is at least one output chunk deep
@@ -91,6 +92,8 @@ def convert(
     voxel_size = _voxel_size(voxel_size_nm)
     _check_output(output, overwrite)
     with ExitStack() as stack:
+        stack.enter_context(exclusive_output(output, "joenet.convert"))
+        _check_output(output, overwrite)  # again: another conversion may have finished meanwhile
         raw_source, sources = _open_sources(stack, output, raw, labels, mask)
         shape = raw_source.shape
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,11 @@ from torch.utils.data import DataLoader, default_collate
 
 from joenet.data.augment import BatchAugment
 from joenet.data.dataset import RandomPatchDataset, ShardSampler, TileDataset
-from joenet.data.regions import crop_regions, foreground_points, volume_regions
+from joenet.data.regions import crop_regions, foreground_points, has_foreground, volume_regions
 from joenet.synthetic import ensure_synthetic_volume
 from joenet.volume import VolumeError, ZarrVolume
+
+log = logging.getLogger(__name__)
 
 _PARAMS_KEY = "augment_params"
 # Foreground voxels remembered per slice and class for centring windows: enough to reach every
@@ -160,6 +163,7 @@ class EMDataModule(L.LightningDataModule):
                 val_regions.append(val)
         if not val_regions:
             raise VolumeError(f"{self.path}: no validation data: set data.val_z or data.holdout")
+        _check_some_labels(train_regions, self.class_names)
         foreground = None
         if self.foreground_fraction > 0:
             rng = np.random.default_rng((self.seed, 2**31))  # a stream no sample uses
@@ -172,6 +176,7 @@ class EMDataModule(L.LightningDataModule):
                 ]
                 for r in train_regions
             ]
+        _warn_empty_classes(train_regions, foreground, self.class_names)
         self.train_dataset = RandomPatchDataset(
             train_regions,
             self.augment.window,
@@ -241,3 +246,48 @@ class EMDataModule(L.LightningDataModule):
         if params is None:  # a batch from another loader: draw the parameters here
             return self.augment(batch)
         return self.augment.apply(batch, params)
+
+
+def _check_some_labels(regions: Sequence[Any], class_names: Sequence[str]) -> None:
+    """Refuse before training when no training volume has labels for any class.
+
+    Otherwise every loss term is masked out: the run trains an epoch on nothing and then fails
+    on the missing validation metric.
+    """
+    if any(any(region.volume.labelled) for region in regions):
+        return
+    paths = sorted({region.volume.path for region in regions})
+    raise VolumeError(
+        f"{', '.join(paths)}: no labels for any class {list(class_names)} (expected "
+        f"labels/<class> arrays, 0/1 masks of raw's shape, e.g. labels/{class_names[-1]}); "
+        "write them with `python -m joenet.convert`, or map other names with "
+        "+data.volume.label_keys={<class>: <array name>}"
+    )
+
+
+def _warn_empty_classes(
+    regions: Sequence[Any],
+    foreground: list[list[np.ndarray]] | None,
+    class_names: Sequence[str],
+) -> None:
+    """Say before training when a labelled class has no foreground voxel in the training data:
+    the model would learn to predict nothing for it (an empty export, a wrong label key).
+
+    ``foreground`` holds the points already sampled for foreground-centred windows; without
+    them (``foreground_fraction=0``) the labels are read until the first foreground voxel.
+    """
+    for channel, name in enumerate(class_names):
+        labelled = [r for r in regions if r.volume.labelled[channel]]
+        if foreground is not None:
+            empty = all(len(points[channel]) == 0 for points in foreground)
+        else:
+            empty = not any(has_foreground(r, channel) for r in labelled)
+        if labelled and empty:
+            where = ", ".join(f"{r.volume.path} z [{r.z_start}, {r.z_stop})" for r in labelled)
+            log.warning(
+                "labels/%s are all zero in the training data (%s): the model learns to predict "
+                "no %s; check the labels or the label key (+data.volume.label_keys)",
+                name,
+                where,
+                name,
+            )

@@ -108,6 +108,22 @@ def foreground_points(
     return np.concatenate(points).astype(np.int64) if points else np.zeros((0, 3), np.int64)
 
 
+def has_foreground(region: Region, channel: int) -> bool:
+    """Whether class ``channel`` has an annotated foreground voxel in ``region``.
+
+    Reads slice by slice and stops at the first hit: one slice for ordinary labels, the whole
+    region only when it is empty (and then the warning is worth the read).
+    """
+    b = region.bounds
+    for z in range(region.z_start, region.z_stop):
+        _, target, valid = region.volume.read(
+            z, b.y_start, b.x_start, (b.y_stop - b.y_start, b.x_stop - b.x_start)
+        )
+        if (target[channel] & valid[0]).any():
+            return True
+    return False
+
+
 def _z_range(volume: ZarrVolume, z_range: Sequence[int], key: str) -> tuple[int, int]:
     return check_z_range(z_range, volume.shape[0], volume.path, key)
 

@@ -100,6 +100,29 @@ def _check_prediction_values(pred: zarr.Array, where: str) -> None:
         )
 
 
+def _check_something_to_evaluate(
+    classes: list[str],
+    labelled: list[str],
+    pred_group: zarr.Group,
+    prediction: str | Path,
+    truth: str | Path,
+) -> None:
+    """Refuse a run that would evaluate no class (and write an empty ``metrics.json``)."""
+    if set(classes) & set(labelled):
+        return
+    has = f"labels {labelled}" if labelled else "no labels/ group"
+    hint = (
+        ": prediction= looks like a volume (it holds raw or labels/): are prediction= and "
+        "truth= swapped?"
+        if "raw" in pred_group or "labels" in pred_group
+        else ": truth= must be the volume with labels/<class> masks"
+    )
+    raise ValueError(
+        f"nothing to evaluate: prediction {prediction} holds classes {classes} and truth "
+        f"{truth} has {has}, none in common{hint}"
+    )
+
+
 def evaluate_class(
     pred: zarr.Array,
     truth: zarr.Array,
@@ -181,12 +204,18 @@ def evaluate_volume(
         ``{"metrics": {class: {metric: value}}, "histograms": {class: (2, 256) list},
         "skipped": {class: reason}, "z_range": [start, stop], ...}``.
     """
+    # Checked before any reading: the keys as the command line spells them.
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+    if not 0.0 < iou_match <= 1.0:
+        raise ValueError(f"iou_match must be an IoU in (0, 1], got {iou_match}")
     pred_group, truth_group = (
         open_prediction_group(prediction, "prediction"),
         open_prediction_group(truth, "truth"),
     )
     classes = _prediction_classes(pred_group, prediction)
     labelled = list(truth_group["labels"].array_keys()) if "labels" in truth_group else []
+    _check_something_to_evaluate(classes, labelled, pred_group, prediction, truth)
     binary = _binary_from_attrs(pred_group)
     depth = pred_group[classes[0]].shape[0]
     start, stop = check_z_range(z_range, depth, str(prediction), "z_range")

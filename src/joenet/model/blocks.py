@@ -17,6 +17,7 @@ Activation = Literal["gelu", "leaky_relu"]
 Norm = Literal["batch", "instance", "group"]
 DownKind = Literal["strided", "maxpool"]
 UpKind = Literal["transposed", "bilinear"]
+BlockKind = Literal["preact", "postact"]
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -99,6 +100,41 @@ class PreActResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.residual(x) + self.shortcut(x)
+
+
+class PostActBlock(nn.Module):
+    """Plain block: (conv3x3 -> norm -> act) x 2, no shortcut (the "TwoConv" of MONAI's BasicUNet).
+
+    The classic U-Net block, here as an option to measure against the seed's pre-activation
+    residual block (docs/benchmarks.md, recipe ablation). Its output is normalised and
+    activated, so a head after it needs only its 1x1 conv.
+
+    Args:
+        in_channels: Channels of the input.
+        out_channels: Channels of the output.
+        activation: ``"gelu"`` or ``"leaky_relu"``.
+        norm: ``"batch"``, ``"instance"`` or ``"group"``, see :func:`make_norm`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        activation: Activation = "gelu",
+        norm: Norm = "batch",
+    ) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            make_norm(norm, out_channels),
+            make_activation(activation),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            make_norm(norm, out_channels),
+            make_activation(activation),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
 
 
 class ConvNeXtBlock(nn.Module):

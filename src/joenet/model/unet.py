@@ -15,10 +15,12 @@ from torch import nn
 
 from joenet.model.blocks import (
     Activation,
+    BlockKind,
     ConvNeXtBlock,
     Down,
     DownKind,
     Norm,
+    PostActBlock,
     PreActResBlock,
     Up,
     UpKind,
@@ -51,7 +53,10 @@ class UNet2d(nn.Module):
         out_channels: Logit channels of the output (2: nuclei, mito).
         channels: Width of each level, finest first; the last one is the bottleneck, so the input
             is downsampled ``len(channels) - 1`` times.
-        blocks_per_level: :class:`PreActResBlock` per encoder and per decoder level.
+        blocks_per_level: Blocks per encoder and per decoder level.
+        block: ``"preact"`` (the seed's pre-activation residual block, :class:`PreActResBlock`)
+            or ``"postact"`` (conv-norm-act twice without a shortcut, as MONAI's BasicUNet:
+            :class:`PostActBlock`); the bottleneck is ConvNeXt-style either way.
         activation: Activation of the residual blocks and the head (the bottleneck uses GELU).
         norm: ``"batch"`` (the seed's BatchNorm), ``"instance"`` or ``"group"``: see
             :func:`~joenet.model.blocks.make_norm`.
@@ -84,6 +89,7 @@ class UNet2d(nn.Module):
         up: UpKind = "transposed",
         dropout: float = 0.0,
         zero_init_residual: bool = False,
+        block: BlockKind = "preact",
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)  # also accepts an OmegaConf ListConfig
@@ -97,6 +103,12 @@ class UNet2d(nn.Module):
             )
         check_choice("activation", activation, get_args(Activation))
         check_choice("norm", norm, get_args(Norm))
+        check_choice("block", block, get_args(BlockKind))
+        if block == "postact" and input_norm:
+            raise ValueError(
+                "input_norm=true needs block=preact: a post-activation block starts with a plain "
+                "conv on the image"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.channels = channels
@@ -110,7 +122,7 @@ class UNet2d(nn.Module):
         )
 
         width = self._build_encoder(
-            in_channels, blocks_per_level, activation, norm, input_norm, down
+            in_channels, blocks_per_level, block, activation, norm, input_norm, down
         )
         self.bottleneck = _stage(
             width,
@@ -122,12 +134,14 @@ class UNet2d(nn.Module):
         )
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
 
-        self._build_decoder(blocks_per_level, activation, norm, up)
+        self._build_decoder(blocks_per_level, block, activation, norm, up)
         # Pre-activation blocks output un-normalised sums, so the head normalises and activates
-        # before its 1x1 conv, as the final BN-ReLU of ResNet-v2.
+        # before its 1x1 conv, as the final BN-ReLU of ResNet-v2; post-activation blocks already
+        # did. Identities keep the conv at head.2 for both.
+        preact = block == "preact"
         self.head = nn.Sequential(
-            make_norm(norm, channels[0]),
-            make_activation(activation),
+            make_norm(norm, channels[0]) if preact else nn.Identity(),
+            make_activation(activation) if preact else nn.Identity(),
             nn.Conv2d(channels[0], out_channels, 1),
         )
         if zero_init_residual:
@@ -139,6 +153,7 @@ class UNet2d(nn.Module):
         self,
         in_channels: int,
         blocks_per_level: int,
+        block: BlockKind,
         activation: Activation,
         norm: Norm,
         input_norm: bool,
@@ -149,16 +164,17 @@ class UNet2d(nn.Module):
         self.encoder = nn.ModuleList()
         self.downs = nn.ModuleList()
         width = in_channels
+        preact = block == "preact"
         for i, level_channels in enumerate(channels[:-1]):
             self.encoder.append(
                 _stage(
                     width,
                     level_channels,
                     blocks_per_level,
-                    PreActResBlock,
+                    PreActResBlock if preact else PostActBlock,
                     activation=activation,
                     norm=norm,
-                    first_block={"preactivate": input_norm} if i == 0 else None,
+                    first_block={"preactivate": input_norm} if i == 0 and preact else None,
                 )
             )
             downsample = Down(level_channels, channels[i + 1], down)
@@ -167,7 +183,12 @@ class UNet2d(nn.Module):
         return width
 
     def _build_decoder(
-        self, blocks_per_level: int, activation: Activation, norm: Norm, up: UpKind
+        self,
+        blocks_per_level: int,
+        block: BlockKind,
+        activation: Activation,
+        norm: Norm,
+        up: UpKind,
     ) -> None:
         channels = self.channels
         # Decoder modules are stored coarse to fine, the order forward() visits them.
@@ -180,7 +201,7 @@ class UNet2d(nn.Module):
                     2 * channels[i],
                     channels[i],
                     blocks_per_level,
-                    PreActResBlock,
+                    PreActResBlock if block == "preact" else PostActBlock,
                     activation=activation,
                     norm=norm,
                 )

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from joenet.predict.input_image import InputImage
 from joenet.predict.tiling import STEP, check_tiling
-from joenet.predict.work_units import PLANE_AXES
+from joenet.predict.work_units import PLANE_AXES, Block
 from joenet.volume import VolumeError, fit_normalization
 
 log = logging.getLogger("joenet.predict.pipeline")  # the log lines users know
@@ -97,3 +100,30 @@ def check_voxel_size(
         )
         log.warning(message)
         warnings.warn(message, stacklevel=3)
+
+
+def check_free_space(output: str, pending: Sequence[Block], arrays: Mapping[str, str]) -> None:
+    """Refuse before predicting when the output's disk cannot hold what is left to write.
+
+    The bound is the uncompressed size (zstd usually writes less, masks and instance ids far
+    less), so a run that passes never fills the disk; ``check_free_space=false`` skips it.
+    """
+    if "://" in output or not pending:
+        return
+    voxels = sum(
+        (z1 - z0) * (y1 - y0) * (x1 - x0)
+        for (z0, z1), (y0, y1), (x0, x1) in (block.region for block in pending)
+    )
+    per_voxel = sum(np.dtype(dtype).itemsize for dtype in arrays.values())
+    needed, free = voxels * per_voxel, shutil.disk_usage(output).free
+    if free < needed:
+        raise ValueError(
+            f"output {output}: {_gb(free)} free on its disk, but the {len(pending)} blocks left "
+            f"to write take up to {_gb(needed)} uncompressed ({voxels:,} voxels x {per_voxel} "
+            f"bytes: {', '.join(f'{n} {d}' for n, d in arrays.items())}); free space or choose "
+            "another disk, or pass check_free_space=false if it will compress to fit"
+        )
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.3g} GB"

@@ -20,6 +20,7 @@ from joenet.predict.work_units import Block, BlockJob, make_blocks
 from joenet.predict.writer import CompletionRecord, check_output, open_output
 from joenet.volume import check_z_range
 from joenet.volume.components import label_instances
+from joenet.volume.output_lock import exclusive_output
 
 log = logging.getLogger(__name__)
 _INSTANCES_RECORD = "instances_z_ranges"  # z ranges whose instance labels are complete
@@ -145,13 +146,16 @@ def predict_volume(
     z_range: Sequence[int] | None = None,
     block_size: int = 2048,
     overwrite: bool = False,
+    check_free_space: bool = True,
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Predict every class of a checkpoint over a zarr volume, block by block, resumably.
 
     Running it again with the same arguments after a kill finishes the missing blocks only and
-    gives the same bytes as an uninterrupted run.
+    gives the same bytes as an uninterrupted run. One process writes an output at a time: a
+    second one started into it refuses at once (``<output>.lock``, see
+    :mod:`joenet.volume.output_lock`).
 
     Args:
         ckpt_path: a checkpoint of ``python -m joenet.train``.
@@ -178,6 +182,8 @@ def predict_volume(
             Nothing else is ever replaced: an output that is the input, lies inside it or
             contains it, or an existing path that is not a joenet prediction, is refused with
             or without it (an empty directory is used as a new output).
+        check_free_space: refuse before predicting when the output's disk has less free space
+            than the blocks left to write take uncompressed.
         progress: show a progress bar.
         config: the resolved config to store in the output's attributes.
 
@@ -189,55 +195,61 @@ def predict_volume(
     torch_device = resolve_device(device)
     compute_dtype = autocast_dtype(precision, torch_device)  # validates it before any work
     image = open_input(input)
-    earlier = check_output(output, input)  # before anything is written
-    model = cached_model(ckpt_path, torch_device)
-    voxel_size = image.voxel_size_nm
-    checks.check_voxel_size(voxel_size, model.voxel_size_nm, str(input))
-    normalization = checks.input_normalization(image, model.normalization)
-    depth = image.shape[0]
-    z_range = check_z_range(z_range, depth, str(input), "z_range")
-    checks.check_overlap(overlap, model.receptive_field)
-    job = BlockJob(
-        ckpt_path=str(Path(ckpt_path).resolve()),
-        input_path=_absolute(input),  # workers may run elsewhere: no relative paths
-        output_path=_absolute(output),
-        class_names=tuple(model.class_names),
-        tile=tile,
-        overlap=overlap,
-        margin=tile_margin(overlap, model.receptive_field),
-        blending=blending,
-        batch_size=batch_size,
-        precision=str(precision),
-        tta=bool(tta),
-        planes=plane_names,
-        threshold=None if threshold is None else float(threshold),
-        device=device,  # resolved by the process that predicts (a GPU worker: its GPU)
-        z_range=z_range,
-        normalization=_hashable(normalization),
-    )
-    arrays = {name: "uint8" for name in job.class_names}
-    if instances:
-        arrays |= {f"{name}_instances": "uint32" for name in job.class_names}
-    fingerprint = _fingerprint(
-        job, model.net, image, normalization, compute_dtype, arrays, block_size
-    )
-    attrs = _output_attrs(job, input, config, voxel_size, fingerprint)
-    group = open_output(
-        output,
-        arrays,
-        image.shape,
-        image.chunks,
-        job.class_names,
-        voxel_size,
-        attrs,
-        earlier,
-        overwrite=overwrite,
-    )
-    record, blocks, pending = _pending_blocks(output, image, plane_names, block_size, tile, z_range)
-    if executor == "dask":
-        run_dask(job, pending, len(blocks), n_workers, scheduler_address, progress)
-    else:
-        run_local(job, pending, len(blocks), progress)
-    if instances:
-        _label_instances(group, record, job, bool(pending))
+    check_output(output, input)  # before anything is written, the lock file included
+    with exclusive_output(output, "joenet.predict"):
+        earlier = check_output(output, input)  # again: another run may have written meanwhile
+        model = cached_model(ckpt_path, torch_device)
+        voxel_size = image.voxel_size_nm
+        checks.check_voxel_size(voxel_size, model.voxel_size_nm, str(input))
+        normalization = checks.input_normalization(image, model.normalization)
+        depth = image.shape[0]
+        z_range = check_z_range(z_range, depth, str(input), "z_range")
+        checks.check_overlap(overlap, model.receptive_field)
+        job = BlockJob(
+            ckpt_path=str(Path(ckpt_path).resolve()),
+            input_path=_absolute(input),  # workers may run elsewhere: no relative paths
+            output_path=_absolute(output),
+            class_names=tuple(model.class_names),
+            tile=tile,
+            overlap=overlap,
+            margin=tile_margin(overlap, model.receptive_field),
+            blending=blending,
+            batch_size=batch_size,
+            precision=str(precision),
+            tta=bool(tta),
+            planes=plane_names,
+            threshold=None if threshold is None else float(threshold),
+            device=device,  # resolved by the process that predicts (a GPU worker: its GPU)
+            z_range=z_range,
+            normalization=_hashable(normalization),
+        )
+        arrays = {name: "uint8" for name in job.class_names}
+        if instances:
+            arrays |= {f"{name}_instances": "uint32" for name in job.class_names}
+        fingerprint = _fingerprint(
+            job, model.net, image, normalization, compute_dtype, arrays, block_size
+        )
+        attrs = _output_attrs(job, input, config, voxel_size, fingerprint)
+        group = open_output(
+            output,
+            arrays,
+            image.shape,
+            image.chunks,
+            job.class_names,
+            voxel_size,
+            attrs,
+            earlier,
+            overwrite=overwrite,
+        )
+        record, blocks, pending = _pending_blocks(
+            output, image, plane_names, block_size, tile, z_range
+        )
+        if check_free_space:
+            checks.check_free_space(str(output), pending, arrays)
+        if executor == "dask":
+            run_dask(job, pending, len(blocks), n_workers, scheduler_address, progress)
+        else:
+            run_local(job, pending, len(blocks), progress)
+        if instances:
+            _label_instances(group, record, job, bool(pending))
     return Path(output)
