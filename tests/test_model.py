@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from joenet.model import UNet2d, receptive_field
-from joenet.model.blocks import ConvNeXtBlock, Down, PreActResBlock, Up, make_activation
+from joenet.model.blocks import (
+    ConvNeXtBlock,
+    Down,
+    PostActBlock,
+    PreActResBlock,
+    Up,
+    make_activation,
+)
 from joenet.model.receptive_field import _input_support
 
 TINY = (4, 8, 16, 32)
@@ -249,3 +256,27 @@ def test_receptive_field_matches_gradient_support(kwargs: dict) -> None:
         assert (cols.min().item(), cols.max().item()) == expected
         widths.append(expected[1] - expected[0] + 1)
     assert max(widths) == model.receptive_field()
+
+
+def test_post_activation_blocks() -> None:
+    torch.manual_seed(0)
+    net = UNet2d(channels=(8, 16, 32, 64), input_norm=False, block="postact")
+    blocks = [m for m in net.modules() if isinstance(m, PostActBlock)]
+    assert len(blocks) == 6  # 3 encoder + 3 decoder levels; the bottleneck stays ConvNeXt
+    assert not any(isinstance(m, PreActResBlock) for m in net.modules())
+    assert isinstance(net.head[0], nn.Identity) and isinstance(net.head[2], nn.Conv2d)
+    x = torch.rand(2, 1, 32, 32)
+    out = net(x)
+    assert out.shape == (2, 2, 32, 32)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    # Same convs, no shortcuts and no pre-activation norms: fewer parameters than preact.
+    preact = UNet2d(channels=(8, 16, 32, 64), input_norm=False)
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in preact.parameters())
+    assert net.receptive_field() == preact.receptive_field()
+    block = PostActBlock(4, 8, "leaky_relu", "instance")
+    assert block(torch.rand(2, 4, 16, 16)).shape == (2, 8, 16, 16)
+    with pytest.raises(ValueError, match="input_norm=true needs block=preact"):
+        UNet2d(block="postact", input_norm=True)
+    with pytest.raises(ValueError, match="block must be one of"):
+        UNet2d(block="dense", input_norm=False)  # type: ignore[arg-type]
