@@ -145,9 +145,9 @@ class UNet2d(nn.Module):
             nn.Conv2d(channels[0], out_channels, 1),
         )
         if zero_init_residual:
-            for block in self.modules():
-                if isinstance(block, PreActResBlock | ConvNeXtBlock):
-                    nn.init.zeros_(block.residual[-1].weight)
+            for module in self.modules():
+                if isinstance(module, PreActResBlock | ConvNeXtBlock):
+                    nn.init.zeros_(module.residual[-1].weight)
 
     def _build_encoder(
         self,
