@@ -6,7 +6,7 @@ Run: ``python benchmarks/train_step_bench.py [--batch-size 16] [--patch-size 256
 Every row gets the same batches, loss (joenet's BCE + Dice), AdamW and precision (fp32 on a
 CPU, bf16 autocast on a GPU). Printed per row: patches/s of a training step (forward, loss,
 backward, optimizer step) and of inference, FLOPs per patch (convolutions, from
-``FlopCounterMode`` with the grouped-convolution correction of ``model_figures.py``), and the
+``FlopCounterMode`` with the grouped-convolution correction of ``joenet.model.cost``), and the
 achieved GFLOP/s as a fraction of this machine's fp32 matmul peak, measured in the same run.
 
 Rows with ``micro-batch m`` split each batch into chunks of ``m`` patches and accumulate the
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from model_figures import count_gflops
 from torch import nn
 
 from joenet.losses import BCEDiceLoss
 from joenet.model import UNet2d
+from joenet.model.cost import count_gflops
 
 
 @dataclass(frozen=True)

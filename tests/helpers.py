@@ -84,6 +84,8 @@ class RecordSamples(L.Callback):
             "positions": self.positions,
             "val_positions": self.val_positions,
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "lr": float(pl_module.hparams.lr),
+            "checkpoint_dir": str(trainer.checkpoint_callback.dirpath),
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 

@@ -257,3 +257,59 @@ def test_cuda_matches_cpu() -> None:
     torch.testing.assert_close(gpu["image"].cpu(), cpu["image"], atol=1e-4, rtol=0)
     for key in ("target", "valid"):  # thresholds may flip where a value sits at 0.5
         assert (gpu[key].cpu() == cpu[key]).float().mean() > 0.999
+
+
+def _defect_batch(size: int = 64) -> dict:
+    torch.manual_seed(0)
+    image = torch.rand(1, 1, size, size) * 0.5 + 0.25
+    target = (torch.rand(1, 2, size, size) > 0.5).float()
+    return {"image": image, "target": target, "valid": torch.ones(1, 1, size, size)}
+
+
+def test_em_defects_each_kind() -> None:
+    from joenet.data.em_defects import apply_defects
+
+    batch = _defect_batch()
+    image, target, valid = batch["image"], batch["target"], batch["valid"]
+    # kind: which * 3 -> 0 low contrast, 1 missing band, 2 misaligned band.
+    low, t, v = apply_defects(image, target, valid, torch.tensor([[0.0, 0.1, 0.5, 0.0]]), 1.0)
+    assert torch.equal(t, target) and torch.equal(v, valid)
+    torch.testing.assert_close(low.std(), image.std() * 0.1, rtol=1e-3, atol=0)
+    torch.testing.assert_close(low.mean(), image.mean())
+    band, t, v = apply_defects(image, target, valid, torch.tensor([[0.0, 0.5, 0.5, 0.0]]), 1.0)
+    blank = band[0, 0].eq(0).all(dim=1)  # rows filled with black
+    assert blank.sum() == 64 // 16 and torch.equal(v[0, 0].eq(0).all(dim=1), blank)
+    assert torch.equal(t, target) and torch.equal(band[0, 0][~blank], image[0, 0][~blank])
+    moved, t, v = apply_defects(image, target, valid, torch.tensor([[0.0, 0.9, 0.5, 1.0]]), 1.0)
+    top, shift = int(0.5 * 64 * 3 / 4), 64 // 16
+    assert torch.equal(moved[..., :top, :], image[..., :top, :])
+    assert torch.equal(moved[..., top:, shift:], image[..., top:, :-shift])
+    assert torch.equal(t[..., top:, shift:], target[..., top:, :-shift])  # labels move along
+    assert not v[..., top:, :shift].any() and v[..., top:, shift:].all() and v[..., :top, :].all()
+    # Above the probability: no defect.
+    same = apply_defects(image, target, valid, torch.tensor([[0.6, 0.5, 0.5, 0.5]]), 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(same, (image, target, valid), strict=True))
+
+
+def test_em_defects_in_batch_augment_keep_other_draws() -> None:
+    seeds = torch.arange(32)
+    plain = BatchAugment(32, rotate=True, noise=True).sample_params(seeds)
+    with_defects = BatchAugment(32, rotate=True, noise=True, defects=0.5).sample_params(seeds)
+    for key, value in plain.items():
+        assert torch.equal(value, with_defects[key]), key  # turning defects on changes no draw
+    assert with_defects["defect"].shape == (32, 4)
+    hits = (with_defects["defect"][:, 0] < 0.5).sum()
+    assert 6 <= hits <= 26  # about half the patches
+    augment = BatchAugment(32, rotate=False, flip=False, brightness=0, contrast=0, defects=1.0)
+    batch = {
+        "image": torch.rand(4, 1, 32, 32),
+        "target": torch.ones(4, 2, 32, 32),
+        "valid": torch.ones(4, 1, 32, 32),
+        "seed": torch.arange(4),
+    }
+    out = augment(batch)
+    assert out["image"].shape == (4, 1, 32, 32) and out["valid"].shape == (4, 1, 32, 32)
+    assert not torch.equal(out["image"], batch["image"])  # every patch got a defect
+    torch.testing.assert_close(augment(batch)["image"], out["image"])  # a function of the seeds
+    with pytest.raises(ValueError, match="defects is a probability"):
+        BatchAugment(32, defects=1.5)

@@ -84,3 +84,41 @@ def _has(accelerator: str) -> bool:
     if accelerator == "gpu":
         return torch.cuda.is_available()
     return torch.backends.mps.is_available()
+
+
+# The seed's open decisions and future enhancements (issue 13), each an experiment config.
+SEED_EXPERIMENTS = {
+    "strided_down": {"model.net.down": "strided"},
+    "maxpool_down": {"model.net.down": "maxpool"},
+    "bilinear_up": {"model.net.up": "bilinear"},
+    "leaky_relu": {"model.net.activation": "leaky_relu"},
+    "se_attention": {"model.net.attention": "se"},
+    "cbam_attention": {"model.net.attention": "cbam"},
+    "level5": {"model.net.channels": [32, 64, 128, 256, 512]},
+    "wide": {"model.net.channels": [64, 64, 128, 256, 512]},
+    "deep_supervision": {"model.net.deep_supervision": 2},
+    "bottleneck_dropout": {"model.net.dropout": 0.2},
+    "depthwise_separable": {"model.net.conv": "depthwise_separable"},
+    "plateau_scheduler": {"model.scheduler": "plateau"},
+    "grad_accumulation": {"trainer.accumulate_grad_batches": 4, "data.batch_size": 1},
+    "strong_augmentation": {"data.augment.elastic": True, "data.augment.noise": True},
+    "em_defects": {"data.augment.defects": 0.33},
+    "seed_literal": {"model.net.input_norm": True, "model.lr": 1e-3},
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(SEED_EXPERIMENTS))
+def test_each_seed_experiment_sets_what_it_names(experiment: str, tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = compose_train([f"experiment={experiment}", "trainer=cpu", f"paths.output_dir={tmp_path}"])
+    default = compose_train(["trainer=cpu", f"paths.output_dir={tmp_path}"])
+    for key, value in SEED_EXPERIMENTS[experiment].items():
+        got = OmegaConf.select(cfg, key)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == value, f"{experiment}: {key} = {got}"
+        if experiment == "strided_down":
+            continue  # the seed's and joenet's default, named so that sweeps can list it
+        before = OmegaConf.select(default, key)
+        before = OmegaConf.to_container(before) if OmegaConf.is_config(before) else before
+        assert before != value, f"{experiment} changes nothing: {key} is {value} by default"

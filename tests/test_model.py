@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from joenet.model import UNet2d, receptive_field
+from joenet.model.attention import CBAM, SqueezeExcite
 from joenet.model.blocks import (
     ConvNeXtBlock,
     Down,
@@ -17,6 +18,7 @@ from joenet.model.blocks import (
     PreActResBlock,
     Up,
     make_activation,
+    make_conv3x3,
 )
 from joenet.model.receptive_field import _input_support
 
@@ -280,3 +282,97 @@ def test_post_activation_blocks() -> None:
         UNet2d(block="postact", input_norm=True)
     with pytest.raises(ValueError, match="block must be one of"):
         UNet2d(block="dense", input_norm=False)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "module"),
+    [({"attention": "se"}, SqueezeExcite), ({"attention": "cbam"}, CBAM)],
+)
+def test_attention_options(options: dict, module: type) -> None:
+    torch.manual_seed(0)
+    net = UNet2d(channels=(8, 16, 32, 64), input_norm=False, **options)
+    plain = UNet2d(channels=(8, 16, 32, 64), input_norm=False)
+    assert sum(isinstance(m, module) for m in net.modules()) == 6  # every encoder/decoder block
+    attention = [m for m in net.modules() if isinstance(m, module)]
+    extra = sum(p.numel() for m in attention for p in m.parameters())
+    assert extra > 0
+    assert (
+        sum(p.numel() for p in net.parameters())
+        == sum(p.numel() for p in plain.parameters()) + extra
+    )
+    x = torch.rand(2, 1, 32, 32)
+    out = net(x)
+    assert out.shape == (2, 2, 32, 32)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    assert net.receptive_field() == plain.receptive_field()
+    # A gate in (0, 1) rescales: SE keeps the sign of every input and shrinks it.
+    y = torch.randn(2, 8, 6, 6)
+    gated = SqueezeExcite(8)(y)
+    assert torch.all(gated.abs() <= y.abs()) and torch.all(gated * y >= 0)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        UNet2d(attention="transformer")  # type: ignore[arg-type]
+
+
+def test_depthwise_separable_convolutions() -> None:
+    net = UNet2d(channels=(8, 16, 32, 64), input_norm=False, conv="depthwise_separable")
+    plain = UNet2d(channels=(8, 16, 32, 64), input_norm=False)
+    depthwise = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) >= 12  # two per block, six blocks (plus the bottleneck's own)
+    assert sum(p.numel() for p in net.parameters()) < 0.6 * sum(
+        p.numel() for p in plain.parameters()
+    )
+    # Per conv: 9 C_in + C_in C_out weights instead of 9 C_in C_out.
+    conv = make_conv3x3(16, 32, "depthwise_separable")
+    assert sum(p.numel() for p in conv.parameters()) == 9 * 16 + 16 * 32
+    out = net(torch.rand(2, 1, 32, 32))
+    out.mean().backward()
+    assert out.shape == (2, 2, 32, 32)
+    assert all(p.grad is not None for p in net.parameters())
+    assert net.receptive_field() == plain.receptive_field()
+    zero = UNet2d(channels=(8, 16, 32, 64), conv="depthwise_separable", zero_init_residual=True)
+    block = zero.encoder[1][0]
+    assert not block.residual[-1][-1].weight.any()  # the pointwise conv ends the branch
+
+
+def test_deep_supervision_heads_train_and_stay_out_of_inference() -> None:
+    torch.manual_seed(0)
+    net = UNet2d(channels=(8, 16, 32, 64), input_norm=False, deep_supervision=2)
+    x = torch.rand(2, 1, 32, 32)
+    logits, aux = net.forward_with_aux(x)
+    assert logits.shape == (2, 2, 32, 32)
+    assert [a.shape for a in aux] == [(2, 2, 16, 16), (2, 2, 8, 8)]
+    torch.testing.assert_close(net(x), logits)  # forward: the full-resolution head only
+    assert net.forward_with_aux(x, aux=False)[1] == []
+    (logits.mean() + sum(a.mean() for a in aux)).backward()
+    assert all(p.grad is not None for p in net.aux_heads.parameters())
+    plain = UNet2d(channels=(8, 16, 32, 64), input_norm=False)
+    heads = sum(p.numel() for p in net.aux_heads.parameters())
+    assert heads == (16 * 2 + 2) + (32 * 2 + 2) + 2 * (16 + 32)  # conv + BatchNorm per head
+    assert (
+        sum(p.numel() for p in net.parameters())
+        == sum(p.numel() for p in plain.parameters()) + heads
+    )
+    with pytest.raises(ValueError, match=r"deep_supervision must be in \[0, 2\]"):
+        UNet2d(channels=(8, 16, 32, 64), deep_supervision=3)
+
+
+def test_deep_supervision_loss_weights_and_targets() -> None:
+    from joenet.lit_module import _deep_supervision_loss
+    from joenet.losses import BCEDiceLoss
+
+    criterion = BCEDiceLoss()
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., :4, :4] = 1
+    valid = torch.ones(1, 1, 8, 8)
+    valid[..., 0, 0] = 0
+    batch = {"target": target, "valid": valid, "labelled": torch.ones(1, 1, dtype=torch.bool)}
+    perfect = [torch.full((1, 1, 4, 4), -20.0), torch.full((1, 1, 2, 2), -20.0)]
+    perfect[0][..., :2, :2] = 20.0
+    perfect[1][..., :1, :1] = 20.0
+    main = torch.tensor(0.7)
+    # Perfect auxiliary heads add (almost) nothing: the total is the main loss x 4/7.
+    total = _deep_supervision_loss(criterion, main, perfect, batch)
+    torch.testing.assert_close(total, main * 4 / 7, atol=1e-3, rtol=0)
+    wrong = [-p for p in perfect]
+    assert _deep_supervision_loss(criterion, main, wrong, batch) > total + 0.5

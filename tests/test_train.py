@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from joenet.config import config_dir
 from joenet.lit_module import SegmentationLitModule
 from joenet.train import train
 from tests.helpers import (
@@ -24,7 +25,9 @@ from tests.helpers import (
     tiny_overrides,
 )
 
-EXPERIMENTS = ["strided_down", "maxpool_down", "bilinear_up", "seed_literal"]
+EXPERIMENTS = sorted(path.stem for path in (config_dir() / "experiment").glob("*.yaml"))
+# Experiments that set the widths keep their number of levels at the tiny size.
+_TINY_CHANNELS = {"level5": "[4,8,16,32,64]", "wide": "[8,8,16,32,64]"}
 
 
 def _tensorboard_tags(run_dir: Path) -> dict[str, list[str]]:
@@ -71,7 +74,10 @@ def trained_hparams(run_dir: Path) -> dict:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_train_each_experiment(experiment: str, data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    cfg = compose_train([f"experiment={experiment}", *tiny_overrides(data_dir, run_dir)])
+    overrides = [f"experiment={experiment}", *tiny_overrides(data_dir, run_dir)]
+    if experiment in _TINY_CHANNELS:
+        overrides.append(f"model.net.channels={_TINY_CHANNELS[experiment]}")
+    cfg = compose_train(overrides)
     metrics = train(cfg)
     _assert_run_dir(run_dir)
     assert math.isfinite(metrics["val/loss"]) and 0.0 <= metrics["val/dice_mito"] <= 1.0
@@ -183,6 +189,19 @@ def test_cli_multirun_from_another_directory(data_dir: Path, tmp_path: Path) -> 
         (job_dir / "config.yaml").read_text().count("down: maxpool") for job_dir in job_dirs
     )
     assert downs == [0, 1]
+    # Each job ends with its summary; the report then compares the two.
+    assert result.stdout.count("joenet: training finished after") == 2
+    sweep = job_dirs[0].parent
+    report = subprocess.run(
+        [sys.executable, "-m", "joenet.report", str(sweep)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    table = (sweep / "report.md").read_text()
+    assert "`experiment=strided_down`" in table and "`experiment=maxpool_down`" in table
+    assert (sweep / "curves.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow  # a subprocess

@@ -96,6 +96,14 @@ def call_target(cfg: DictConfig, **given: Any) -> Any:
     return target(**{**arguments, **given})
 
 
+def sqlite_url(path: str) -> str:
+    """``sqlite:///<absolute path>`` for a database file, its folder created (Optuna's storage
+    is opened before Hydra creates the sweep directory)."""
+    database = Path(path).absolute()
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{database}"
+
+
 def register_resolvers() -> None:
     """Register the ``joenet.*`` resolvers once (Hydra needs them before composing)."""
     resolvers = {
@@ -105,6 +113,7 @@ def register_resolvers() -> None:
         "joenet.has_cuda": torch.cuda.is_available,
         "joenet.first_not_null": first_not_null,
         "joenet.gpu_or_cpu": gpu_or_cpu,
+        "joenet.sqlite_url": sqlite_url,
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -145,15 +145,25 @@ class SegmentationLitModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.contiguous(memory_format=self._memory_format))
 
-    def _shared_step(self, batch: dict[str, Tensor], metrics: SegmentationMetrics) -> Tensor:
-        logits = self(batch["image"])  # (B, C, H, W)
+    def _shared_step(
+        self, batch: dict[str, Tensor], metrics: SegmentationMetrics, aux: bool = False
+    ) -> Tensor:
+        aux_logits: list[Tensor] = []
+        if aux and self.net.aux_heads:
+            # Deep supervision, in training only (its path is not the compiled forward).
+            image = batch["image"].contiguous(memory_format=self._memory_format)
+            logits, aux_logits = self.net.forward_with_aux(image)
+        else:
+            logits = self(batch["image"])  # (B, C, H, W)
         masks = (batch["labelled"], batch["valid"])
         loss = self.criterion(logits, batch["target"], *masks)
+        if aux_logits:
+            loss = _deep_supervision_loss(self.criterion, loss, aux_logits, batch)
         metrics.update(logits.detach().sigmoid(), batch["target"], *masks)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        loss = self._shared_step(batch, self.train_metrics)
+        loss = self._shared_step(batch, self.train_metrics, aux=True)
         # One host sync per step, worth it: a NaN step would poison every weight through AdamW.
         if not torch.isfinite(loss):
             self._on_nonfinite_loss(loss)
@@ -275,6 +285,28 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in super().state_dict().items() if k != "_progress"}
+
+
+def _deep_supervision_loss(
+    criterion: BCEDiceLoss, loss: Tensor, aux_logits: list[Tensor], batch: dict[str, Tensor]
+) -> Tensor:
+    """Full-resolution loss plus the auxiliary heads' at 1/2, 1/4, ...: weights 1, 1/2, 1/4, ...
+    normalised to sum 1 (nnU-Net's decay), so the loss keeps its scale.
+
+    Targets are area-downsampled (the foreground share of each coarse pixel, a soft target); a
+    coarse pixel counts only where all its pixels were valid.
+    """
+    weights = [0.5**k for k in range(len(aux_logits) + 1)]
+    total = loss * weights[0]
+    target, valid = batch["target"].float(), batch["valid"].float()
+    for k, logits in enumerate(aux_logits, start=1):
+        factor = 2**k
+        coarse_target = torch.nn.functional.avg_pool2d(target, factor)
+        coarse_valid = torch.nn.functional.avg_pool2d(valid, factor) > 1 - 1e-6
+        total = total + weights[k] * criterion(
+            logits, coarse_target, batch["labelled"], coarse_valid
+        )
+    return total / sum(weights)
 
 
 def _param_groups(

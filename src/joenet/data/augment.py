@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from joenet.data import em_defects
+
 _MASK_KEYS = ("target", "valid")
 
 
@@ -105,6 +107,8 @@ class BatchAugment:
         noise: add Gaussian noise.
         noise_std: standard deviation of the noise.
         gamma: exponent log-uniform in [1 / (1 + gamma), 1 + gamma]; 0 turns it off.
+        defects: probability of one EM section defect per patch (low contrast, a missing
+            band, a misaligned band: :mod:`joenet.data.em_defects`); 0 turns them off.
 
     Attributes:
         window: side of the windows to read per sample, ``window_size(patch_size, ...)``.
@@ -123,6 +127,7 @@ class BatchAugment:
         noise: bool = False,
         noise_std: float = 0.03,
         gamma: float = 0.0,
+        defects: float = 0.0,
     ):
         if brightness < 0 or not 0 <= contrast < 1:
             raise ValueError(
@@ -135,6 +140,8 @@ class BatchAugment:
             )
         if noise_std < 0 or gamma < 0:
             raise ValueError(f"need noise_std >= 0 and gamma >= 0, got {noise_std} and {gamma}")
+        if not 0 <= defects <= 1:
+            raise ValueError(f"defects is a probability in [0, 1], got {defects}")
         self.patch_size = patch_size
         self.rotate = rotate
         self.flip = flip
@@ -146,6 +153,7 @@ class BatchAugment:
         self.noise = noise
         self.noise_std = noise_std
         self.gamma = gamma
+        self.defects = defects
         self.window = window_size(patch_size, rotate, elastic_alpha if elastic else 0.0)
         self._cubic = _cubic_matrix(elastic_grid, patch_size) if elastic else torch.empty(0)
 
@@ -158,7 +166,8 @@ class BatchAugment:
             "contrast",
             "elastic",
         )
-        keys += ("elastic_alpha", "elastic_grid", "noise", "noise_std", "gamma", "window")
+        keys += ("elastic_alpha", "elastic_grid", "noise", "noise_std", "gamma", "defects")
+        keys += ("window",)
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)}' for k in keys)})"
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,13 +192,15 @@ class BatchAugment:
             ``angle`` (B,) radians, ``flip_h`` and ``flip_v`` (B,) bool, ``brightness`` (B,)
             shift, ``contrast`` (B,) factor, ``gamma`` (B,) exponent; with ``elastic``,
             ``elastic`` (B, 2, g, g) control displacements (x, y) in pixels; with ``noise``,
-            ``noise`` (B, 1, P, P). All on the CPU, float32 unless stated.
+            ``noise`` (B, 1, P, P); with ``defects``, ``defect`` (B, 4) uniforms. All on the
+            CPU, float32 unless stated.
         """
         seed_list = [int(s) for s in seeds.detach().cpu().reshape(-1).tolist()]
         num, grid, size = len(seed_list), self.elastic_grid, self.patch_size
         uniform = torch.empty(num, 6)
         control = torch.empty(num, 2, grid, grid) if self.elastic else None
         noise = torch.empty(num, 1, size, size) if self.noise else None
+        defect = torch.empty(num, em_defects.DRAWS) if self.defects > 0 else None
         generator = torch.Generator()
         for i, seed in enumerate(seed_list):
             generator.manual_seed(seed)
@@ -198,6 +209,8 @@ class BatchAugment:
                 torch.rand(2, grid, grid, generator=generator, out=control[i])
             if noise is not None:
                 torch.randn(1, size, size, generator=generator, out=noise[i])
+            if defect is not None:  # last: turning defects on leaves the other draws as they were
+                torch.rand(em_defects.DRAWS, generator=generator, out=defect[i])
         u = uniform.T  # (6, B)
         params = {
             "angle": u[0] * (2 * math.pi) if self.rotate else torch.zeros(num),
@@ -211,6 +224,8 @@ class BatchAugment:
             params["elastic"] = (2 * control - 1) * self.elastic_alpha
         if noise is not None:
             params["noise"] = noise * self.noise_std
+        if defect is not None:
+            params["defect"] = defect
         return params
 
     @torch.no_grad()
@@ -252,6 +267,12 @@ class BatchAugment:
         else:
             for k in ("image", *masks):
                 out[k] = _flip(center_crop(batch[k], self.patch_size), p["flip_h"], p["flip_v"])
+        if "defect" in p:
+            image, target, valid = em_defects.apply_defects(
+                out["image"], out.get("target"), out.get("valid"), p["defect"], self.defects
+            )
+            out["image"] = image
+            out |= {k: v for k, v in (("target", target), ("valid", valid)) if k in batch}
         out["image"] = self._intensity(out["image"], p)
         return out
 

@@ -4,6 +4,7 @@ References:
     - Pre-activation block: He et al., "Identity Mappings in Deep Residual Networks" (ResNet-v2,
       2016).
     - Depthwise large-kernel block: Liu et al., "A ConvNet for the 2020s" (ConvNeXt, 2022).
+    - Depthwise separable convolutions: Howard et al., "MobileNets" (2017).
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from joenet.model.attention import AttentionKind, make_attention
+
 Activation = Literal["gelu", "leaky_relu"]
 Norm = Literal["batch", "instance", "group"]
 DownKind = Literal["strided", "maxpool"]
 UpKind = Literal["transposed", "bilinear"]
 BlockKind = Literal["preact", "postact"]
+ConvKind = Literal["standard", "depthwise_separable"]
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -57,6 +61,20 @@ def make_norm(name: Norm, channels: int) -> nn.Module:
     return nn.GroupNorm(max(1, channels // 8), channels)
 
 
+def make_conv3x3(in_channels: int, out_channels: int, kind: ConvKind = "standard") -> nn.Module:
+    """A bias-free 3x3 conv, or its depthwise separable form (3x3 per channel, then 1x1).
+
+    The separable form costs ``9 C_in + C_in C_out`` weights instead of ``9 C_in C_out``.
+    """
+    check_choice("conv", kind, get_args(ConvKind))
+    if kind == "standard":
+        return nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
+        nn.Conv2d(in_channels, out_channels, 1, bias=False),
+    )
+
+
 def _shortcut(in_channels: int, out_channels: int) -> nn.Module:
     """Identity, or a 1x1 conv when the residual branch changes the channel count."""
     if in_channels == out_channels:
@@ -74,6 +92,9 @@ class PreActResBlock(nn.Module):
         norm: ``"batch"``, ``"instance"`` or ``"group"``, see :func:`make_norm`.
         preactivate: normalise and activate the input before the first conv; False when the
             input is the raw image (ResNet-v2 starts with a plain conv on the image).
+        attention: ``"none"``, ``"se"`` or ``"cbam"`` on the branch's output, before the
+            addition (as SE-ResNet).
+        conv: ``"standard"`` or ``"depthwise_separable"`` 3x3 convs, see :func:`make_conv3x3`.
     """
 
     def __init__(
@@ -83,6 +104,8 @@ class PreActResBlock(nn.Module):
         activation: Activation = "gelu",
         norm: Norm = "batch",
         preactivate: bool = True,
+        attention: AttentionKind = "none",
+        conv: ConvKind = "standard",
     ) -> None:
         super().__init__()
         # Convs have no bias: each is followed by a norm (directly or in the next block) whose
@@ -91,15 +114,22 @@ class PreActResBlock(nn.Module):
         self.residual = nn.Sequential(
             make_norm(norm, in_channels) if preactivate else nn.Identity(),
             make_activation(activation) if preactivate else nn.Identity(),
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            make_conv3x3(in_channels, out_channels, conv),
             make_norm(norm, out_channels),
             make_activation(activation),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            make_conv3x3(out_channels, out_channels, conv),
         )
+        # Not inside `residual`: residual[-1] stays the last conv (zero_init_residual's target).
+        # None rather than an Identity without attention: the module tree, and so the weights
+        # fingerprint of earlier predictions, stays what it was before attention existed.
+        self.attention = None if attention == "none" else make_attention(attention, out_channels)
         self.shortcut = _shortcut(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.residual(x) + self.shortcut(x)
+        branch = self.residual(x)
+        if self.attention is not None:
+            branch = self.attention(branch)
+        return branch + self.shortcut(x)
 
 
 class PostActBlock(nn.Module):
@@ -114,6 +144,8 @@ class PostActBlock(nn.Module):
         out_channels: Channels of the output.
         activation: ``"gelu"`` or ``"leaky_relu"``.
         norm: ``"batch"``, ``"instance"`` or ``"group"``, see :func:`make_norm`.
+        attention: ``"none"``, ``"se"`` or ``"cbam"`` on the block's output.
+        conv: ``"standard"`` or ``"depthwise_separable"`` 3x3 convs, see :func:`make_conv3x3`.
     """
 
     def __init__(
@@ -122,19 +154,23 @@ class PostActBlock(nn.Module):
         out_channels: int,
         activation: Activation = "gelu",
         norm: Norm = "batch",
+        attention: AttentionKind = "none",
+        conv: ConvKind = "standard",
     ) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            make_conv3x3(in_channels, out_channels, conv),
             make_norm(norm, out_channels),
             make_activation(activation),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            make_conv3x3(out_channels, out_channels, conv),
             make_norm(norm, out_channels),
             make_activation(activation),
         )
+        self.attention = None if attention == "none" else make_attention(attention, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        out = self.body(x)
+        return out if self.attention is None else self.attention(out)
 
 
 class ConvNeXtBlock(nn.Module):

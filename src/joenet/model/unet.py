@@ -13,9 +13,11 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
+from joenet.model.attention import AttentionKind
 from joenet.model.blocks import (
     Activation,
     BlockKind,
+    ConvKind,
     ConvNeXtBlock,
     Down,
     DownKind,
@@ -57,6 +59,13 @@ class UNet2d(nn.Module):
         block: ``"preact"`` (the seed's pre-activation residual block, :class:`PreActResBlock`)
             or ``"postact"`` (conv-norm-act twice without a shortcut, as MONAI's BasicUNet:
             :class:`PostActBlock`); the bottleneck is ConvNeXt-style either way.
+        attention: ``"none"``, ``"se"`` (squeeze-and-excitation) or ``"cbam"`` in every
+            encoder and decoder block.
+        conv: ``"standard"`` or ``"depthwise_separable"`` (MobileNet-style) 3x3 convs in the
+            encoder and decoder blocks.
+        deep_supervision: auxiliary 1x1 heads on this many decoder levels below the finest
+            (1/2, 1/4, ... resolution), for :meth:`forward_with_aux` in training; ``forward``
+            (inference, prediction, export) ignores them. 0 disables them.
         activation: Activation of the residual blocks and the head (the bottleneck uses GELU).
         norm: ``"batch"`` (the seed's BatchNorm), ``"instance"`` or ``"group"``: see
             :func:`~joenet.model.blocks.make_norm`.
@@ -90,6 +99,9 @@ class UNet2d(nn.Module):
         dropout: float = 0.0,
         zero_init_residual: bool = False,
         block: BlockKind = "preact",
+        attention: AttentionKind = "none",
+        conv: ConvKind = "standard",
+        deep_supervision: int = 0,
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)  # also accepts an OmegaConf ListConfig
@@ -111,6 +123,11 @@ class UNet2d(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not 0 <= deep_supervision <= len(channels) - 2:
+            raise ValueError(
+                f"deep_supervision must be in [0, {len(channels) - 2}] for {len(channels)} "
+                f"levels (one head per decoder level below the finest), got {deep_supervision}"
+            )
         self.channels = channels
         self._rf_config = dict(
             num_levels=len(channels),
@@ -121,8 +138,14 @@ class UNet2d(nn.Module):
             up=up,
         )
 
+        block_options = {
+            "activation": activation,
+            "norm": norm,
+            "attention": attention,
+            "conv": conv,
+        }
         width = self._build_encoder(
-            in_channels, blocks_per_level, block, activation, norm, input_norm, down
+            in_channels, blocks_per_level, block, block_options, input_norm, down
         )
         self.bottleneck = _stage(
             width,
@@ -134,28 +157,41 @@ class UNet2d(nn.Module):
         )
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
 
-        self._build_decoder(blocks_per_level, block, activation, norm, up)
+        self._build_decoder(blocks_per_level, block, block_options, up)
         # Pre-activation blocks output un-normalised sums, so the head normalises and activates
         # before its 1x1 conv, as the final BN-ReLU of ResNet-v2; post-activation blocks already
         # did. Identities keep the conv at head.2 for both.
         preact = block == "preact"
-        self.head = nn.Sequential(
-            make_norm(norm, channels[0]) if preact else nn.Identity(),
-            make_activation(activation) if preact else nn.Identity(),
-            nn.Conv2d(channels[0], out_channels, 1),
-        )
+
+        def head(width: int) -> nn.Sequential:
+            return nn.Sequential(
+                make_norm(norm, width) if preact else nn.Identity(),
+                make_activation(activation) if preact else nn.Identity(),
+                nn.Conv2d(width, out_channels, 1),
+            )
+
+        self.head = head(channels[0])
+        # aux_heads[k - 1] reads decoder level k (1/2**k resolution).
+        # Registered only when used, so that the module tree of networks without it (and their
+        # weights fingerprint) stays what it was before deep supervision existed.
+        self.aux_heads: nn.ModuleList | None = None
+        if deep_supervision:
+            self.aux_heads = nn.ModuleList(
+                head(channels[k]) for k in range(1, deep_supervision + 1)
+            )
         if zero_init_residual:
             for module in self.modules():
                 if isinstance(module, PreActResBlock | ConvNeXtBlock):
-                    nn.init.zeros_(module.residual[-1].weight)
+                    # The branch's last conv (the pointwise one of a depthwise separable pair).
+                    convs = [m for m in module.residual[-1].modules() if isinstance(m, nn.Conv2d)]
+                    nn.init.zeros_(convs[-1].weight)
 
     def _build_encoder(
         self,
         in_channels: int,
         blocks_per_level: int,
         block: BlockKind,
-        activation: Activation,
-        norm: Norm,
+        block_options: dict[str, Any],
         input_norm: bool,
         down: DownKind,
     ) -> int:
@@ -172,8 +208,7 @@ class UNet2d(nn.Module):
                     level_channels,
                     blocks_per_level,
                     PreActResBlock if preact else PostActBlock,
-                    activation=activation,
-                    norm=norm,
+                    **block_options,
                     first_block={"preactivate": input_norm} if i == 0 and preact else None,
                 )
             )
@@ -186,8 +221,7 @@ class UNet2d(nn.Module):
         self,
         blocks_per_level: int,
         block: BlockKind,
-        activation: Activation,
-        norm: Norm,
+        block_options: dict[str, Any],
         up: UpKind,
     ) -> None:
         channels = self.channels
@@ -202,8 +236,7 @@ class UNet2d(nn.Module):
                     channels[i],
                     blocks_per_level,
                     PreActResBlock if block == "preact" else PostActBlock,
-                    activation=activation,
-                    norm=norm,
+                    **block_options,
                 )
             )
 
@@ -218,6 +251,17 @@ class UNet2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map images ``(B, in_channels, H, W)`` to logits ``(B, out_channels, H, W)``."""
+        return self.forward_with_aux(x, aux=False)[0]
+
+    def forward_with_aux(
+        self, x: torch.Tensor, aux: bool = True
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and, with ``aux``, the auxiliary heads' logits of deep supervision.
+
+        Returns:
+            ``(logits, aux_logits)``: ``aux_logits[k - 1]`` is ``(B, out_channels, H / 2**k,
+            W / 2**k)`` for k = 1 .. ``deep_supervision``; empty without ``aux``.
+        """
         height, width = x.shape[-2:]
         d = self.divisor
         if height % d or width % d:
@@ -232,6 +276,13 @@ class UNet2d(nn.Module):
             skips.append(x)
             x = down(x)
         x = self.dropout(self.bottleneck(x))  # (B, channels[-1], H / d, W / d)
-        for up, stage, skip in zip(self.ups, self.decoder, reversed(skips), strict=True):
+        levels = len(skips)
+        aux_logits: list[torch.Tensor] = []
+        for i, (up, stage, skip) in enumerate(
+            zip(self.ups, self.decoder, reversed(skips), strict=True)
+        ):
             x = stage(torch.cat([skip, up(x)], dim=1))  # cat: (B, 2 * channels[i], ...)
-        return self.head(x)  # (B, out_channels, H, W)
+            level = levels - 1 - i
+            if aux and self.aux_heads is not None and 1 <= level <= len(self.aux_heads):
+                aux_logits.insert(0, self.aux_heads[level - 1](x))
+        return self.head(x), aux_logits  # (B, out_channels, H, W)
