@@ -51,7 +51,9 @@ def _outputs(notebook: nbformat.NotebookNode) -> tuple[str, int]:
     return text, sum("image/png" in out.get("data", {}) for out in outputs)
 
 
-@pytest.mark.parametrize("name", ["01_explore_data.ipynb", "02_results.ipynb"])
+@pytest.mark.parametrize(
+    "name", ["01_explore_data.ipynb", "02_results.ipynb", "03_exported_model.ipynb"]
+)
 def test_committed_notebooks_are_stripped(name: str) -> None:
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(notebook)
@@ -93,3 +95,29 @@ def test_results_from_prediction(
     text, images = _outputs(_execute("02_results.ipynb", env, tmp_path, monkeypatch))
     assert images == 2
     assert "pred.zarr" in text and "slices: [8, 10, 11]" in text  # 3 slices of val_z [8, 12)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt"])
+def test_exported_model_without_joenet(
+    suffix: str, run_dir: Path, volume_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if suffix == ".onnx":
+        pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
+    from joenet.export import export_model
+
+    model = export_model(
+        run_dir / "checkpoints" / "best.ckpt",
+        "onnx" if suffix == ".onnx" else "torchscript",
+        tmp_path / f"joenet{suffix}",
+        tile=64,
+    )
+    env = {"JOENET_NB_MODEL": str(model), "JOENET_NB_VOLUME": str(volume_path)}
+    notebook = _execute("03_exported_model.ipynb", env, tmp_path, monkeypatch)
+    text, images = _outputs(notebook)
+    assert images == 1
+    assert "classes: ['nuclei', 'mito']" in text and "halo:" in text
+    assert "nuclei: mean probability" in text and "mito: mean probability" in text
+    # The notebook imports neither joenet nor Lightning nor Hydra.
+    source = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
+    for package in ("joenet", "lightning", "hydra"):
+        assert f"import {package}" not in source and f"from {package}" not in source

@@ -140,7 +140,8 @@ def summarize_run(
         "best_epoch": best.epoch,
         "best_step": best.step,
         "best_metrics": best.metrics,
-        "epochs": trainer.current_epoch,  # completed; a budget may end inside the next one
+        # In patches: a time budget or a preemption may end a run inside an epoch.
+        "epochs": round(patches / int(cfg.data.patches_per_epoch), 2),
         "steps": trainer.global_step,
         "validations": best.validations,
         "patches": patches,
@@ -179,7 +180,7 @@ def _summary_lines(
     lines = [
         "",
         f"joenet: training finished after {minutes} min {seconds:02d} s, stopped by "
-        f"{summary['stopped_by']}: {summary['epochs']} epochs, {summary['steps']} steps, "
+        f"{summary['stopped_by']}: {summary['epochs']:g} epochs, {summary['steps']} steps, "
         f"{summary['patches']:,} patches ({summary['patches_per_second']} patches/s)",
     ]
     if summary["best"] is None:

@@ -75,6 +75,8 @@ def _markdown(rows: list[dict[str, Any]], classes: list[str], root: Path, shared
     metric = rows[0]["monitor"] or "val/dice"
     columns = [("run", "run"), ("overrides", "overrides"), ("best", f"best {metric}")]
     for name in classes:
+        if all(row[f"dice_{name}"] is None for row in rows):
+            continue  # a class no run has labels for (Lucchi: nuclei); report.csv keeps it
         columns += [(f"dice_{name}", f"Dice {name}"), (f"iou_{name}", f"IoU {name}")]
     columns += [
         ("best_epoch", "epoch of best"),

@@ -1,0 +1,5 @@
+"""``python -m joenet.export``: see :mod:`joenet.export.cli`."""
+
+from joenet.export.cli import main
+
+main()
