@@ -154,3 +154,38 @@ def test_export_cli(ckpt_path: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"wrote {tmp_path / 'm.pt'}" in result.stdout
     assert torch.jit.load(str(tmp_path / "m.pt"))(torch.rand(1, 1, 32, 32)).shape == (1, 2, 32, 32)
+
+
+def test_bioimageio_package_validates_and_reproduces_its_test_output(
+    ckpt_path: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("bioimageio.core", reason='pip install "joenet[export]"')
+    import zipfile
+
+    from bioimageio.core import test_model
+    from bioimageio.spec import load_description
+
+    output = export_model(ckpt_path, "bioimageio", tmp_path / "joenet.zip", tile=64)
+    names = set(zipfile.ZipFile(output).namelist())
+    assert {"rdf.yaml", "weights.pt", "weights.onnx", "test_input.npy", "test_output.npy"} <= names
+    assert {"cover.png", "README.md"} <= names
+    descr = load_description(output)
+    assert descr.validation_summary.status == "valid-format", descr.validation_summary.format()
+    for weights in ("torchscript", "onnx"):
+        assert test_model(output, weight_format=weights).status == "passed", weights
+    (inputs,), (outputs,) = descr.inputs, descr.outputs
+    steps = [step.id for step in inputs.preprocessing]
+    assert "scale_linear" in steps and "clip" in steps
+    scale = next(step for step in inputs.preprocessing if step.id == "scale_linear")
+    assert scale.kwargs.gain == pytest.approx(1 / 255)  # the checkpoint's uint8 dtype range
+    assert [step.id for step in outputs.postprocessing if step.id != "ensure_dtype"] == ["sigmoid"]
+    channel = next(axis for axis in outputs.axes if axis.type == "channel")
+    assert [str(n) for n in channel.channel_names] == ["nuclei", "mito"]
+    model = load_model(ckpt_path)
+    assert all(
+        axis.halo == halo(model.receptive_field, model.divisor)
+        for axis in outputs.axes
+        if axis.type == "space"
+    )
+    assert str(descr.license) == "MIT"
+    assert descr.config.model_extra["joenet"]["class_names"] == ["nuclei", "mito"]

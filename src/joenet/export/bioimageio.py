@@ -56,7 +56,7 @@ def _readme(metadata: dict[str, Any], run: dict[str, Any], path: Path) -> None:
     lines = [
         "# joenet U-Net",
         "",
-        "A 2D U-Net trained with [joenet](https://github.com/) to segment "
+        "A 2D U-Net trained with joenet to segment "
         + " and ".join(metadata["class_names"])
         + " in electron-microscopy sections, one sigmoid channel per class.",
         "",
@@ -68,7 +68,8 @@ def _readme(metadata: dict[str, Any], run: dict[str, Any], path: Path) -> None:
         "- output `probabilities`: (batch, class, y, x) after the sigmoid postprocessing.",
         f"- tiles: {metadata['tile']} px recommended, with a halo of {metadata['halo']} px "
         f"(receptive field {metadata['receptive_field']} px).",
-        f"- voxel size of the training data: {metadata['voxel_size_nm'] or 'unknown'} nm (z, y, x).",
+        f"- voxel size of the training data: {metadata['voxel_size_nm'] or 'unknown'} nm "
+        "(z, y, x).",
         "",
         "## Training",
         "",
@@ -83,7 +84,10 @@ def _readme(metadata: dict[str, Any], run: dict[str, Any], path: Path) -> None:
         )
         for name, value in sorted((summary.get("best_metrics") or {}).items()):
             lines.append(f"  - {name}: {value:.4f}")
-    lines += ["", f"Exported from `{metadata['checkpoint']}` by joenet {metadata['joenet_version']}."]
+    lines += [
+        "",
+        f"Exported from `{metadata['checkpoint']}` by joenet {metadata['joenet_version']}.",
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -99,6 +103,24 @@ def _training_record(ckpt_path: str) -> dict[str, Any]:
         data = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")).get("data", {})
         record["data"] = {k: data.get(k) for k in ("path", "train_z", "val_z", "patch_size")}
     return record
+
+
+def _validation_tile(record: dict[str, Any], side: int) -> np.ndarray:
+    """A ``side`` px tile of the first validation slice of the training volume, as raw values;
+    random uint8 values when that volume is not at hand (or not uint8)."""
+    data = record.get("data") or {}
+    try:
+        import zarr
+
+        raw = zarr.open_group(str(data["path"]), mode="r")["raw"]
+        z = int((data.get("val_z") or [raw.shape[0] // 2])[0])
+        y0, x0 = max(0, (raw.shape[1] - side) // 2), max(0, (raw.shape[2] - side) // 2)
+        tile = np.asarray(raw[z, y0 : y0 + side, x0 : x0 + side])
+        if tile.shape == (side, side) and tile.dtype == np.uint8:
+            return tile.astype(np.float32)
+    except Exception:  # no volume there: the package is still complete with a random tile
+        pass
+    return np.random.default_rng(0).integers(0, 256, (side, side)).astype(np.float32)
 
 
 def export_bioimageio(
@@ -119,8 +141,13 @@ def export_bioimageio(
 
     raw_dtype = "uint8"
     gain, offset = _scale(metadata["normalization"], raw_dtype)
+    # An input must be larger than the halo on both sides, in steps of the divisor.
+    step = metadata["divisor"]
+    min_size = 2 * metadata["halo"] + step
+    side = max(tile, min_size)
+    record = _training_record(metadata["checkpoint"])
     if test_input is None:
-        test_input = np.random.default_rng(0).integers(0, 256, (tile, tile)).astype(np.float32)
+        test_input = _validation_tile(record, side)
     raw = test_input.astype(np.float32)[None, None]  # (1, 1, y, x), raw intensities
     x = torch.from_numpy(np.clip(raw * gain + offset, 0, 1))
     with torch.no_grad():
@@ -132,8 +159,8 @@ def export_bioimageio(
         np.save(tmp / "test_input.npy", raw)
         np.save(tmp / "test_output.npy", probabilities)
         _cover(raw[0, 0], probabilities[0], metadata["class_names"], tmp / "cover.png")
-        _readme(metadata, _training_record(metadata["checkpoint"]), tmp / "README.md")
-        step = metadata["divisor"]
+        _readme(metadata, record, tmp / "README.md")
+        size = spec.ParameterizedSize(min=min_size, step=step)
         raw_id = spec.TensorId("raw")
         inputs = spec.InputTensorDescr(
             id=raw_id,
@@ -141,8 +168,8 @@ def export_bioimageio(
             axes=[
                 spec.BatchAxis(),
                 spec.ChannelAxis(channel_names=[spec.Identifier("raw")]),
-                spec.SpaceInputAxis(id=spec.AxisId("y"), size=spec.ParameterizedSize(min=step, step=step)),
-                spec.SpaceInputAxis(id=spec.AxisId("x"), size=spec.ParameterizedSize(min=step, step=step)),
+                spec.SpaceInputAxis(id=spec.AxisId("y"), size=size),
+                spec.SpaceInputAxis(id=spec.AxisId("x"), size=size),
             ],
             test_tensor=spec.FileDescr(source=tmp / "test_input.npy"),
             data=spec.IntervalOrRatioDataDescr(type="float32"),
@@ -151,6 +178,7 @@ def export_bioimageio(
                 spec.ClipDescr(kwargs=spec.ClipKwargs(min=0.0, max=1.0)),
             ],
         )
+        names = metadata["class_names"]
         space = [
             spec.SpaceOutputAxisWithHalo(
                 id=spec.AxisId(axis),
@@ -164,7 +192,7 @@ def export_bioimageio(
             description="sigmoid probability per class",
             axes=[
                 spec.BatchAxis(),
-                spec.ChannelAxis(channel_names=[spec.Identifier(n) for n in metadata["class_names"]]),
+                spec.ChannelAxis(channel_names=[spec.Identifier(n) for n in names]),
                 *space,
             ],
             test_tensor=spec.FileDescr(source=tmp / "test_output.npy"),
@@ -183,8 +211,8 @@ def export_bioimageio(
                 )
             ],
             license=spec.LicenseId(license),
-            covers=[tmp / "cover.png"],
-            documentation=tmp / "README.md",
+            covers=[spec.FileDescr(source=tmp / "cover.png")],
+            documentation=spec.FileDescr(source=tmp / "README.md"),
             tags=["electron-microscopy", "segmentation", "mitochondria", "nuclei", "unet", "2d"],
             inputs=[inputs],
             outputs=[outputs],

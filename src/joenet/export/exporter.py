@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ def export_onnx(net: nn.Module, output: Path, tile: int, metadata: dict[str, Any
     import onnxruntime
     from torch.export import Dim
 
+    # The exporter's passes log every rewrite at INFO, which Hydra's log config would print.
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     divisor = metadata["divisor"]
     # Height and width as multiples of the divisor: any such size is a valid input.
     height, width = Dim("height_blocks", min=1, max=4096), Dim("width_blocks", min=1, max=4096)
