@@ -376,3 +376,32 @@ def test_deep_supervision_loss_weights_and_targets() -> None:
     torch.testing.assert_close(total, main * 4 / 7, atol=1e-3, rtol=0)
     wrong = [-p for p in perfect]
     assert _deep_supervision_loss(criterion, main, wrong, batch) > total + 0.5
+
+
+def test_fold_batchnorms_keeps_the_function() -> None:
+    from joenet.model.fold import fold_batchnorms
+
+    torch.manual_seed(0)
+    for options in ({}, {"block": "postact"}, {"conv": "depthwise_separable"}):
+        net = UNet2d(channels=(8, 16, 32, 64), input_norm=False, **options)
+        net.train()
+        for _ in range(3):  # running statistics other than the initial 0 / 1
+            net(torch.rand(4, 1, 32, 32) * 2)
+        net.eval()
+        folded, names = fold_batchnorms(net)
+        x = torch.rand(2, 1, 48, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
+        remaining = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        before = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+        assert remaining == before - len(names) and names
+        assert net.encoder[1][0] is not folded.encoder[1][0]  # the original is untouched
+        if options.get("block") == "postact":  # conv-norm-act twice: both norms of each block
+            assert {"encoder.1.0.body.1", "encoder.1.0.body.4"} <= set(names)
+            assert remaining == 1  # only the bottleneck's pre-activation norm stays
+    # Pre-activation: the second norm of each branch follows a conv; the first (after the
+    # addition of the previous block) and the head's stay.
+    net = UNet2d(channels=(8, 16, 32, 64), input_norm=False).eval()
+    _, names = fold_batchnorms(net)
+    assert "encoder.1.0.residual.3" in names and "encoder.1.0.residual.0" not in names
+    assert "bottleneck.0.residual.3" in names and not any(n.startswith("head") for n in names)

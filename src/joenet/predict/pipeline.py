@@ -147,6 +147,7 @@ def predict_volume(
     block_size: int = 2048,
     overwrite: bool = False,
     check_free_space: bool = True,
+    fold_batchnorms: bool = True,
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -182,6 +183,9 @@ def predict_volume(
             Nothing else is ever replaced: an output that is the input, lies inside it or
             contains it, or an existing path that is not a joenet prediction, is refused with
             or without it (an empty directory is used as a new output).
+        fold_batchnorms: fold each BatchNorm that directly follows a conv into it (the same
+            function up to float rounding: logits within 1e-5, levels at most 1 apart; not part
+            of the resume fingerprint).
         check_free_space: refuse before predicting when the output's disk has less free space
             than the blocks left to write take uncompressed.
         progress: show a progress bar.
@@ -222,6 +226,7 @@ def predict_volume(
             device=device,  # resolved by the process that predicts (a GPU worker: its GPU)
             z_range=z_range,
             normalization=_hashable(normalization),
+            fold_batchnorms=bool(fold_batchnorms),
         )
         arrays = {name: "uint8" for name in job.class_names}
         if instances:
