@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -110,13 +108,11 @@ def test_report_reads_a_killed_run_from_its_events(two_runs: Path, tmp_path: Pat
     assert "Not finished" in (tmp_path / "out" / "report.md").read_text()
 
 
-@pytest.mark.slow  # a subprocess
-def test_report_cli_error_is_one_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "joenet.report", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"error: {tmp_path}: no joenet training runs under it" in result.stderr
+def test_report_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from joenet.report.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err
+    assert f"error: {tmp_path}: no joenet training runs under it" in err
