@@ -358,8 +358,7 @@ def test_deep_supervision_heads_train_and_stay_out_of_inference() -> None:
 
 
 def test_deep_supervision_loss_weights_and_targets() -> None:
-    from joenet.lit_module import _deep_supervision_loss
-    from joenet.losses import BCEDiceLoss
+    from joenet.losses import BCEDiceLoss, deep_supervision_loss
 
     criterion = BCEDiceLoss()
     target = torch.zeros(1, 1, 8, 8)
@@ -372,10 +371,10 @@ def test_deep_supervision_loss_weights_and_targets() -> None:
     perfect[1][..., :1, :1] = 20.0
     main = torch.tensor(0.7)
     # Perfect auxiliary heads add (almost) nothing: the total is the main loss x 4/7.
-    total = _deep_supervision_loss(criterion, main, perfect, batch)
+    total = deep_supervision_loss(criterion, main, perfect, batch)
     torch.testing.assert_close(total, main * 4 / 7, atol=1e-3, rtol=0)
     wrong = [-p for p in perfect]
-    assert _deep_supervision_loss(criterion, main, wrong, batch) > total + 0.5
+    assert deep_supervision_loss(criterion, main, wrong, batch) > total + 0.5
 
 
 def test_fold_batchnorms_keeps_the_function() -> None:

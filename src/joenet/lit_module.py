@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -14,9 +13,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from joenet.checkpoint import read_checkpoint
-from joenet.losses import BCEDiceLoss
+from joenet.losses import BCEDiceLoss, deep_supervision_loss
 from joenet.metrics import SegmentationMetrics
 from joenet.model import UNet2d
+from joenet.schedules import WarmupCosine
 
 
 class SegmentationLitModule(L.LightningModule):
@@ -158,7 +158,7 @@ class SegmentationLitModule(L.LightningModule):
         masks = (batch["labelled"], batch["valid"])
         loss = self.criterion(logits, batch["target"], *masks)
         if aux_logits:
-            loss = _deep_supervision_loss(self.criterion, loss, aux_logits, batch)
+            loss = deep_supervision_loss(self.criterion, loss, aux_logits, batch)
         metrics.update(logits.detach().sigmoid(), batch["target"], *masks)
         return loss
 
@@ -260,53 +260,6 @@ class SegmentationLitModule(L.LightningModule):
             return max(by_steps, by_time)
 
         return progress
-
-
-class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
-    """Linear warm-up over the first ``warmup`` share, then cosine to 0, of a progress in [0, 1].
-
-    ``progress(step)`` says how far training is (steps or time); only the step count is saved
-    in checkpoints, so a run resumes on the same curve.
-    """
-
-    def __init__(
-        self, optimizer: torch.optim.Optimizer, progress: Callable[[int], float], warmup: float
-    ) -> None:
-        self._progress = progress
-        self.warmup = warmup
-        super().__init__(optimizer)
-
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        done = min(max(self._progress(self.last_epoch), 0.0), 1.0)
-        factor = 0.5 * (1.0 + math.cos(math.pi * done))
-        if done < self.warmup:
-            factor *= done / self.warmup
-        return [base * factor for base in self.base_lrs]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in super().state_dict().items() if k != "_progress"}
-
-
-def _deep_supervision_loss(
-    criterion: BCEDiceLoss, loss: Tensor, aux_logits: list[Tensor], batch: dict[str, Tensor]
-) -> Tensor:
-    """Full-resolution loss plus the auxiliary heads' at 1/2, 1/4, ...: weights 1, 1/2, 1/4, ...
-    normalised to sum 1 (nnU-Net's decay), so the loss keeps its scale.
-
-    Targets are area-downsampled (the foreground share of each coarse pixel, a soft target); a
-    coarse pixel counts only where all its pixels were valid.
-    """
-    weights = [0.5**k for k in range(len(aux_logits) + 1)]
-    total = loss * weights[0]
-    target, valid = batch["target"].float(), batch["valid"].float()
-    for k, logits in enumerate(aux_logits, start=1):
-        factor = 2**k
-        coarse_target = torch.nn.functional.avg_pool2d(target, factor)
-        coarse_valid = torch.nn.functional.avg_pool2d(valid, factor) > 1 - 1e-6
-        total = total + weights[k] * criterion(
-            logits, coarse_target, batch["labelled"], coarse_valid
-        )
-    return total / sum(weights)
 
 
 def _param_groups(

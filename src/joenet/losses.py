@@ -73,3 +73,25 @@ class BCEDiceLoss(nn.Module):
             # Masked mean instead of boolean indexing: no host-device synchronisation in the step.
             present = (pixels > 0).to(per_channel.dtype)
             return (per_channel * present).sum() / present.sum().clamp_min(1.0)
+
+
+def deep_supervision_loss(
+    criterion: BCEDiceLoss, loss: Tensor, aux_logits: list[Tensor], batch: dict[str, Tensor]
+) -> Tensor:
+    """Full-resolution loss plus the auxiliary heads' at 1/2, 1/4, ...: weights 1, 1/2, 1/4, ...
+    normalised to sum 1 (nnU-Net's decay), so the loss keeps its scale.
+
+    Targets are area-downsampled (the foreground share of each coarse pixel, a soft target); a
+    coarse pixel counts only where all its pixels were valid.
+    """
+    weights = [0.5**k for k in range(len(aux_logits) + 1)]
+    total = loss * weights[0]
+    target, valid = batch["target"].float(), batch["valid"].float()
+    for k, logits in enumerate(aux_logits, start=1):
+        factor = 2**k
+        coarse_target = F.avg_pool2d(target, factor)
+        coarse_valid = F.avg_pool2d(valid, factor) > 1 - 1e-6
+        total = total + weights[k] * criterion(
+            logits, coarse_target, batch["labelled"], coarse_valid
+        )
+    return total / sum(weights)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,16 @@ def rectangle_areas(rectangles: list[tuple[int, int, int, int]]) -> np.ndarray:
     return np.array([(r[1] - r[0] + 1) * (r[3] - r[2] + 1) for r in rectangles], dtype=np.float64)
 
 
+def _foreground_by_slice(region: Region, channel: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Per slice of ``region``: z and the (y, x) mask of annotated class-``channel`` voxels."""
+    b = region.bounds
+    for z in range(region.z_start, region.z_stop):
+        _, target, valid = region.volume.read(
+            z, b.y_start, b.x_start, (b.y_stop - b.y_start, b.x_stop - b.x_start)
+        )
+        yield z, target[channel] & valid[0]
+
+
 def foreground_points(
     region: Region, channel: int, max_per_slice: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -96,11 +106,8 @@ def foreground_points(
     """
     b = region.bounds
     points = []
-    for z in range(region.z_start, region.z_stop):
-        _, target, valid = region.volume.read(
-            z, b.y_start, b.x_start, (b.y_stop - b.y_start, b.x_stop - b.x_start)
-        )
-        ys, xs = np.nonzero(target[channel] & valid[0])
+    for z, mask in _foreground_by_slice(region, channel):
+        ys, xs = np.nonzero(mask)
         if len(ys) > max_per_slice:
             keep = rng.choice(len(ys), max_per_slice, replace=False)
             ys, xs = ys[keep], xs[keep]
@@ -114,14 +121,7 @@ def has_foreground(region: Region, channel: int) -> bool:
     Reads slice by slice and stops at the first hit: one slice for ordinary labels, the whole
     region only when it is empty (and then the warning is worth the read).
     """
-    b = region.bounds
-    for z in range(region.z_start, region.z_stop):
-        _, target, valid = region.volume.read(
-            z, b.y_start, b.x_start, (b.y_stop - b.y_start, b.x_stop - b.x_start)
-        )
-        if (target[channel] & valid[0]).any():
-            return True
-    return False
+    return any(mask.any() for _, mask in _foreground_by_slice(region, channel))
 
 
 def _z_range(volume: ZarrVolume, z_range: Sequence[int], key: str) -> tuple[int, int]:

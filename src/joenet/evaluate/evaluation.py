@@ -205,8 +205,7 @@ def evaluate_volume(
         "skipped": {class: reason}, "z_range": [start, stop], ...}``.
     """
     # Checked before any reading: the keys as the command line spells them.
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+    counts.threshold_to_level(threshold)  # its check: a probability in [0, 1]
     if not 0.0 < iou_match <= 1.0:
         raise ValueError(f"iou_match must be an IoU in (0, 1], got {iou_match}")
     pred_group, truth_group = (

@@ -9,7 +9,6 @@ leaves a half-written model at ``output``.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -153,8 +152,7 @@ def export_model(
     model = load_model(ckpt_path, "cpu")
     if tile < model.divisor or tile % model.divisor:
         raise ValueError(f"tile must be a positive multiple of {model.divisor}, got {tile}")
-    # The eager network in fp32, contiguous: what prediction runs on a CPU.
-    net = copy.deepcopy(getattr(model.net, "_orig_mod", model.net)).float().eval()
+    net = model.net.float().eval()  # load_model builds it afresh, eager, on the CPU
     metadata = export_metadata(model, str(ckpt_path), tile)
     if format == "torchscript":
         export_torchscript(net, output, tile, metadata)
