@@ -14,7 +14,7 @@ subprocess so that its peak RSS (``ru_maxrss``) is its own:
 ``forward`` is the time spent inside the network's forward pass (a forward hook), so the rest is
 the tool's own overhead (tiling, blending, I/O). Run::
 
-    python benchmarks/predict_bench.py                      # (2, 1024, 1024) uint8
+    python benchmarks/predict_bench.py                      # (4, 1024, 1024) uint8
     python benchmarks/predict_bench.py --shape 8 1024 1024 --repeat 2  # longer, steadier
 """
 
@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,20 +68,18 @@ def _make_inputs(directory: Path, shape: tuple[int, int, int]) -> tuple[Path, Pa
     return ckpt, volume
 
 
-class _ForwardTimer:
-    """Seconds spent in a module's forward passes, via hooks."""
+class _CallTimer:
+    """A network wrapped so that the seconds spent in its forward passes add up."""
 
-    def __init__(self, net: torch.nn.Module) -> None:
-        self.seconds, self.tiles, self._start = 0.0, 0, 0.0
-        net.register_forward_pre_hook(self._pre)
-        net.register_forward_hook(self._post)
+    def __init__(self, net: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.net, self.seconds, self.tiles = net, 0.0, 0
 
-    def _pre(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        self.tiles += inputs[0].shape[0]
-        self._start = time.perf_counter()
-
-    def _post(self, *args: object) -> None:
-        self.seconds += time.perf_counter() - self._start
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.net(x)
+        self.seconds += time.perf_counter() - start
+        self.tiles += x.shape[0]
+        return out
 
 
 def _warm_up(net: torch.nn.Module) -> None:
@@ -88,35 +87,56 @@ def _warm_up(net: torch.nn.Module) -> None:
         net(torch.rand(1, 1, 256, 256))
 
 
-def _run_joenet(ckpt: Path, volume: Path, args: argparse.Namespace, batch_size: int | None) -> dict:
+def _run_joenet(
+    ckpt: Path, volume: Path, args: argparse.Namespace, batch_size: int | None, compile: str
+) -> dict:
     from joenet.checkpoint import cached_model
     from joenet.predict import predict_volume, work_units
 
-    net = cached_model(ckpt, "cpu").net  # predict_volume reuses this cached model
-    _warm_up(net)
-    # Prediction runs a copy with its BatchNorms folded (fold_batchnorms=true): time that one.
-    fold, timers = work_units.fold_batchnorms, []
+    _warm_up(cached_model(ckpt, "cpu").net)  # predict_volume reuses this cached model
+    # Time the network prediction runs (folded, channels_last, maybe compiled), not the raw one.
+    make, timers = work_units.inference_network, []
 
-    def fold_and_time(module: torch.nn.Module) -> tuple[torch.nn.Module, list[str]]:
-        folded, names = fold(module)
-        timers.append(_ForwardTimer(folded))
-        return folded, names
+    def timed(*a: object, **k: object) -> _CallTimer:
+        timers.append(_CallTimer(make(*a, **k)))  # type: ignore[arg-type]
+        return timers[-1]
 
-    work_units.fold_batchnorms = fold_and_time  # type: ignore[assignment]
+    work_units.inference_network = timed  # type: ignore[assignment]
+    options = {
+        "tile": args.tile,
+        "overlap": args.overlap,
+        "batch_size": batch_size,
+        "device": "cpu",
+        "progress": False,
+        "compile": compile,
+    }
+    compile_s = 0.0
+    if compile == "true":  # compile in a one-slice run first; the network is cached for the next
+        start = time.perf_counter()
+        predict_volume(
+            ckpt, volume, Path(tempfile.mkdtemp()) / "warm.zarr", z_range=[0, 1], **options
+        )
+        compile_s = time.perf_counter() - start
+        timers[0].seconds, timers[0].tiles = 0.0, 0
     output = Path(tempfile.mkdtemp()) / "pred.zarr"
     start = time.perf_counter()
-    predict_volume(
-        ckpt,
-        volume,
-        output,
-        tile=args.tile,
-        overlap=args.overlap,
-        batch_size=batch_size,
-        device="cpu",
-        progress=False,
-    )
+    predict_volume(ckpt, volume, output, **options)
+    seconds = time.perf_counter() - start
     (timer,) = timers
-    return {"seconds": time.perf_counter() - start, "forward": timer.seconds, "tiles": timer.tiles}
+    if compile_s:  # the warm-up run less the steady time of its one slice
+        compile_s -= seconds / zarr_depth(volume)
+    return {
+        "seconds": seconds,
+        "forward": timer.seconds,
+        "tiles": timer.tiles,
+        "compile": compile_s,
+    }
+
+
+def zarr_depth(volume: Path) -> int:
+    import zarr
+
+    return zarr.open_group(str(volume), mode="r")["raw"].shape[0]
 
 
 def _run_monai(ckpt: Path, volume: Path, args: argparse.Namespace, sw_batch_size: int) -> dict:
@@ -128,7 +148,7 @@ def _run_monai(ckpt: Path, volume: Path, args: argparse.Namespace, sw_batch_size
 
     net = SegmentationLitModule.load_from_checkpoint(ckpt, weights_only=True).net.eval()
     _warm_up(net)
-    timer = _ForwardTimer(net)
+    timer = _CallTimer(net)
     raw = zarr.open_group(str(volume), mode="r")["raw"][...]  # the whole volume in memory
     out = np.zeros((2, *raw.shape), dtype=np.uint8)
     start = time.perf_counter()
@@ -139,12 +159,13 @@ def _run_monai(ckpt: Path, volume: Path, args: argparse.Namespace, sw_batch_size
                 image,
                 roi_size=(args.tile, args.tile),
                 sw_batch_size=sw_batch_size,
-                predictor=lambda x: net(x).sigmoid(),
+                predictor=lambda x: timer(x).sigmoid(),
                 overlap=args.overlap / args.tile,
                 mode="gaussian",
             )
             out[:, z] = (probs[0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-    return {"seconds": time.perf_counter() - start, "forward": timer.seconds, "tiles": timer.tiles}
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "forward": timer.seconds, "tiles": timer.tiles, "compile": 0.0}
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -152,8 +173,10 @@ def _child(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     ckpt, volume = Path(args.ckpt), Path(args.volume)
     tool, _, batch = args.side.partition(":batch=")
+    tool, _, compile = tool.partition("+compile=")
     if tool == "joenet":
-        result = _run_joenet(ckpt, volume, args, None if batch == "default" else int(batch))
+        batch_size = None if batch == "default" else int(batch)
+        result = _run_joenet(ckpt, volume, args, batch_size, compile or "auto")
     else:
         result = _run_monai(ckpt, volume, args, 1 if batch == "default" else int(batch))
     # ru_maxrss is in KiB on Linux: the whole process, imports and model included.
@@ -163,7 +186,7 @@ def _child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", type=int, nargs=3, default=(2, 1024, 1024))
+    parser.add_argument("--shape", type=int, nargs=3, default=(4, 1024, 1024))
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8, help="the non-default batch")
@@ -177,17 +200,19 @@ def main() -> None:
         _child(args)
         return
     batch = args.batch_size
-    sides = [
-        "joenet:batch=default",
-        "monai:batch=default",
-        f"joenet:batch={batch}",
-        f"monai:batch={batch}",
+    # (joenet side, its MONAI peer): the default (compile=auto: eager below 1,000 tiles), compiled
+    # (the compile timed apart, in a one-slice run first), and both tools at a larger batch.
+    pairs = [
+        ("joenet:batch=default", "monai:batch=default"),
+        ("joenet+compile=true:batch=default", "monai:batch=default"),
+        (f"joenet:batch={batch}", f"monai:batch={batch}"),
     ]
+    sides = list(dict.fromkeys(side for pair in pairs for side in pair))
     try:
         import monai  # noqa: F401
     except ImportError:
         print("monai is not installed (pip install monai): measuring joenet only")
-        sides = sides[::2]
+        sides, pairs = [side for side in sides if side.startswith("joenet")], []
     voxels = int(np.prod(args.shape))
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,15 +252,21 @@ def main() -> None:
         f"1-min load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
         f"({os.cpu_count()} CPUs; other processes slow both sides)"
     )
-    print(f"{'side':<26}{'s':>8}{'Mvox/s':>9}{'tiles':>7}{'forward %':>11}{'peak RSS MiB':>14}")
+    header = f"{'side':<36}{'s':>8}{'Mvox/s':>9}{'tiles':>7}{'forward %':>11}"
+    print(f"{header}{'peak RSS MiB':>14}{'compile s':>11}")
     for side, r in results.items():
         print(
-            f"{side:<26}{r['seconds']:>8.1f}{voxels / r['seconds'] / 1e6:>9.3f}{r['tiles']:>7}"
+            f"{side:<36}{r['seconds']:>8.1f}{voxels / r['seconds'] / 1e6:>9.3f}{r['tiles']:>7}"
             f"{100 * r['forward'] / r['seconds']:>11.1f}{r['peak_rss_mib']:>14.0f}"
+            f"{r['compile']:>11.1f}"
         )
-    for joenet_side, monai_side in zip(sides[::2], sides[1::2], strict=False):
-        ratio = results[monai_side]["seconds"] / results[joenet_side]["seconds"]
-        print(f"{joenet_side} throughput / {monai_side}: {ratio:.2f}x")
+    for joenet_side, monai_side in pairs:
+        ours, peer = results[joenet_side], results[monai_side]
+        line = f"{joenet_side} throughput / {monai_side}: {peer['seconds'] / ours['seconds']:.2f}x"
+        if ours["compile"]:
+            with_compile = peer["seconds"] / (ours["seconds"] + ours["compile"])
+            line += f" ({with_compile:.2f}x counting the compile once)"
+        print(line)
 
 
 if __name__ == "__main__":

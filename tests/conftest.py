@@ -36,3 +36,14 @@ def ckpt_path(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def cfg_tiny(data_dir: Path, tmp_path: Path) -> DictConfig:
     return compose_train(tiny_overrides(data_dir, tmp_path / "run"))
+
+
+@pytest.fixture(scope="session")
+def reference(ckpt_path: Path, volume_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted local prediction of slices [0, 4) with the default options."""
+    from joenet.predict import predict_volume
+
+    output = tmp_path_factory.mktemp("reference") / "pred.zarr"
+    return predict_volume(
+        ckpt_path, volume_path, output, z_range=[0, 4], progress=False, device="cpu"
+    )

@@ -28,13 +28,6 @@ from tests.helpers import TINY_SHAPE
 FAST = {"progress": False, "device": "cpu"}
 
 
-@pytest.fixture(scope="session")
-def reference(ckpt_path: Path, volume_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted local prediction of slices [0, 4)."""
-    output = tmp_path_factory.mktemp("reference") / "pred.zarr"
-    return predict_volume(ckpt_path, volume_path, output, z_range=[0, 4], **FAST)
-
-
 def _chunk_bytes(output: Path) -> dict[str, bytes]:
     """Every stored chunk of the class arrays, by relative path."""
     return {

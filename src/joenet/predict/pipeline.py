@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -14,9 +15,10 @@ import joenet
 from joenet.checkpoint import cached_model, resolve_device, weights_fingerprint
 from joenet.predict import checks
 from joenet.predict.executor import run_dask, run_local
+from joenet.predict.fast_path import check_compile, resolve_compile
 from joenet.predict.input_image import InputImage, open_input
 from joenet.predict.tiling import autocast_dtype, tile_margin
-from joenet.predict.work_units import Block, BlockJob, make_blocks
+from joenet.predict.work_units import Block, BlockJob, count_tiles, make_blocks
 from joenet.predict.writer import CompletionRecord, check_output, open_output
 from joenet.volume import check_z_range
 from joenet.volume.components import label_instances
@@ -148,6 +150,8 @@ def predict_volume(
     overwrite: bool = False,
     check_free_space: bool = True,
     fold_batchnorms: bool = True,
+    channels_last: bool = True,
+    compile: bool | str = "auto",
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -186,6 +190,11 @@ def predict_volume(
         fold_batchnorms: fold each BatchNorm that directly follows a conv into it (the same
             function up to float rounding: logits within 1e-5, levels at most 1 apart; not part
             of the resume fingerprint).
+        channels_last: run the network in channels_last memory format (1.25x on a CPU).
+        compile: ``torch.compile`` the network with freezing (~1.8x per tile on a CPU with the
+            rest, 13-22 s to compile); ``auto`` compiles on a CPU from 1,000 tiles to predict.
+            Both are float rounding only (not part of the resume fingerprint); see
+            ``predict/fast_path.py``.
         check_free_space: refuse before predicting when the output's disk has less free space
             than the blocks left to write take uncompressed.
         progress: show a progress bar.
@@ -198,6 +207,7 @@ def predict_volume(
     plane_names = checks.parse_planes(planes)
     torch_device = resolve_device(device)
     compute_dtype = autocast_dtype(precision, torch_device)  # validates it before any work
+    compile = check_compile(compile)
     image = open_input(input)
     check_output(output, input)  # before anything is written, the lock file included
     with exclusive_output(output, "joenet.predict"):
@@ -227,6 +237,7 @@ def predict_volume(
             z_range=z_range,
             normalization=_hashable(normalization),
             fold_batchnorms=bool(fold_batchnorms),
+            channels_last=bool(channels_last),
         )
         arrays = {name: "uint8" for name in job.class_names}
         if instances:
@@ -251,6 +262,9 @@ def predict_volume(
         )
         if check_free_space:
             checks.check_free_space(str(output), pending, arrays)
+        tiles = count_tiles(job, image.shape, pending)
+        job = dataclasses.replace(job, compile=resolve_compile(compile, torch_device, tiles))
+        log.info("%d tiles to predict, %s", tiles, "compiled" if job.compile else "eager")
         if executor == "dask":
             run_dask(job, pending, len(blocks), n_workers, scheduler_address, progress)
         else:

@@ -16,13 +16,13 @@ context and differences stay small.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 Blending = Literal["gaussian", "constant"]
 Precision = Literal["auto", "32", "bf16", "16"]
@@ -119,7 +119,7 @@ class PlanePredictor:
     """Predict probabilities for stacks of 2D planes, tile by tile, in batches.
 
     Args:
-        net: the network, in eval mode, on ``device``.
+        net: the network (or its inference form, see ``fast_path``), in eval mode, on ``device``.
         device: where tiles are predicted and blended.
         batch_size: tiles per forward pass.
         precision: ``auto``, ``32``, ``bf16`` or ``16`` (autocast dtype of the forward pass).
@@ -129,7 +129,7 @@ class PlanePredictor:
 
     def __init__(
         self,
-        net: nn.Module,
+        net: Callable[[Tensor], Tensor],
         device: torch.device,
         batch_size: int = 8,
         precision: str = "auto",

@@ -1,0 +1,111 @@
+"""The network as prediction runs it: folded BatchNorms, channels_last, and torch.compile.
+
+Measured on this project's 2-core AVX2 CPU, batch 1, 256 px tiles, fp32 (``python
+benchmarks/predict_bench.py``): folding 1.03x, channels_last another ~1.25x (oneDNN's blocked
+convolutions skip the layout reorders NCHW needs), ``torch.compile`` with freezing ~1.8x over
+eager in all (weights become constants, so inductor pre-packs them and fuses the
+pointwise ops into the convolutions). Compiling costs 13-22 s per process (less with a warm
+inductor cache in ``/tmp/torchinductor_<user>``), so ``compile="auto"`` compiles on a CPU only
+when the run has enough tiles to pay it back several times over. On GPUs nothing has been
+measured yet, so ``auto`` leaves them eager.
+
+All of these compute the same function up to float rounding (logits within 1e-4, tested), so
+none is part of an output's resume fingerprint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from joenet.model.fold import fold_batchnorms
+
+log = logging.getLogger(__name__)
+
+# At >= 70 ms saved per tile on a CPU, 1,000 tiles (40 slices of 1024 x 1024) save ~70 s, over
+# three times the cold compile; below that, compiling may cost more than it saves.
+CPU_COMPILE_MIN_TILES = 1000
+COMPILE_CHOICES = ("auto", True, False)
+
+
+def check_compile(compile: bool | str) -> bool | str:
+    """``compile`` as True, False or ``"auto"``; a ``ValueError`` naming the key otherwise."""
+    if isinstance(compile, str) and compile.lower() in ("true", "false", "auto"):
+        compile = {"true": True, "false": False, "auto": "auto"}[compile.lower()]
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be true, false or auto, got {compile!r}")
+    return compile
+
+
+def resolve_compile(compile: bool | str, device: torch.device, tiles: int) -> bool:
+    """Whether to compile a prediction of ``tiles`` forward passes on ``device``."""
+    compile = check_compile(compile)
+    if compile != "auto":
+        return bool(compile)
+    return device.type == "cpu" and tiles >= CPU_COMPILE_MIN_TILES
+
+
+class FixedShapeCompiled(nn.Module):
+    """``torch.compile`` of a network for one input shape, eager for any other.
+
+    Prediction sends tiles of one shape (a partial last batch is padded to it), so one
+    compilation serves the whole run; an odd shape (a volume smaller than a tile) runs eager
+    instead of paying a recompile.
+    """
+
+    def __init__(self, net: nn.Module, shape: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.net = net
+        self.shape = shape
+        # Freezing folds the weights into the graph as constants: inference only, which is
+        # all prediction does (``forward_tiles`` runs under inference_mode).
+        self.compiled = torch.compile(net, dynamic=False, options={"freezing": True})
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1:] != self.shape[1:] or x.shape[0] > self.shape[0]:
+            return self.net(x)
+        batch = x.shape[0]
+        if batch < self.shape[0]:  # pad the last batch rather than compile a second shape
+            x = torch.cat([x, x.new_zeros((self.shape[0] - batch, *x.shape[1:]))])
+        return self.compiled(x)[:batch]
+
+
+def inference_network(
+    net: nn.Module,
+    *,
+    fold: bool = True,
+    channels_last: bool = True,
+    compile: bool = False,
+    input_shape: tuple[int, int, int, int] | None = None,
+) -> Callable[[Tensor], Tensor]:
+    """A callable computing ``net``'s logits for prediction, the fast way asked for.
+
+    Args:
+        net: the trained network, on its device (not modified).
+        fold: fold each BatchNorm that directly follows a conv into it (``model/fold.py``).
+        channels_last: run the network in channels_last memory format.
+        compile: ``torch.compile`` it with freezing for ``input_shape``.
+        input_shape: ``(batch, 1, tile, tile)``, needed when compiling.
+    """
+    if fold:
+        net, names = fold_batchnorms(net)
+        log.info("%d BatchNorms folded into their convolutions", len(names))
+    else:
+        net = copy.deepcopy(net).eval()  # .to(memory_format) below works in place
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
+    if compile:
+        if input_shape is None:
+            raise ValueError("compile=True needs the tiles' input_shape")
+        net = FixedShapeCompiled(net, input_shape)
+    if not channels_last:
+        return net
+
+    def forward(x: Tensor) -> Tensor:
+        return net(x.contiguous(memory_format=torch.channels_last))
+
+    return forward
