@@ -117,3 +117,47 @@ def test_compiled_prediction_matches_the_eager_one(
         # Float rounding only: an output made one way resumes the other way.
         meta = ours.attrs["joenet"]["fingerprint"]
         assert meta == theirs.attrs["joenet"]["fingerprint"] | {"input": meta["input"]}
+
+
+def test_blocks_are_read_predicted_and_written_in_a_bounded_pipeline(
+    ckpt_path: Path, volume_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing block i - 1 overlaps predicting block i, with at most three blocks in memory."""
+    import threading
+    import time
+
+    events: list[tuple[str, int, float]] = []
+    in_memory, peak = [0], [0]
+    lock = threading.Lock()
+    read, compute, write = block_ops.read_block, block_ops.compute_block, block_ops.write_block
+
+    def reading(job, image, block):
+        with lock:
+            in_memory[0] += 1
+            peak[0] = max(peak[0], in_memory[0])
+        return read(job, image, block)
+
+    def computing(job, predictor, inputs):
+        events.append(("compute", threading.get_ident(), time.perf_counter()))
+        return compute(job, predictor, inputs)
+
+    def writing(group, job, block, values):
+        start = time.perf_counter()
+        time.sleep(0.2)  # a slow disk: the next block's prediction must not wait for it
+        write(group, job, block, values)
+        events.append(("write", threading.get_ident(), start))
+        with lock:
+            in_memory[0] -= 1
+
+    monkeypatch.setattr(block_ops, "read_block", reading)
+    monkeypatch.setattr(block_ops, "compute_block", computing)
+    monkeypatch.setattr(block_ops, "write_block", writing)
+    output = predict_volume(ckpt_path, volume_path, tmp_path / "p.zarr", z_range=[0, 6], **FAST)
+    computes = [e for e in events if e[0] == "compute"]
+    writes = [e for e in events if e[0] == "write"]
+    assert len(computes) == len(writes) == 6  # one block per slice of chunk depth 1
+    assert {e[1] for e in writes}.isdisjoint({e[1] for e in computes})  # another thread writes
+    # Block i + 1's prediction starts before block i's slow write has ended.
+    assert all(c[2] < w[2] + 0.2 for c, w in zip(computes[1:], writes, strict=False))
+    assert peak[0] <= 3
+    assert zarr.open_group(str(output))["mito"][:6].any()

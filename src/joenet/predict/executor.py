@@ -1,7 +1,8 @@
 """Run the pending blocks of a prediction: in this process, or on a Dask distributed cluster.
 
 Both executors run the same per-block code (``joenet.predict.work_units``), so they write the same
-bytes. The local one reads the next block in a thread while the current one is predicted.
+bytes. The local one reads the next block and writes the previous one in threads while the
+current one is predicted.
 
 Scaling out with Dask (untested on GPUs here; the CPU path is what the tests run):
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
@@ -66,21 +68,33 @@ def run_local(job: BlockJob, pending: Sequence[Block], total: int, progress: boo
     group = zarr.open_group(job.output_path, mode="r+")
     record = CompletionRecord(job.output_path)
     predictor = block_ops.make_predictor(job)
+
+    def write(block: Block, values: np.ndarray) -> None:
+        block_ops.write_block(group, job, block, values)
+        if block_ops.is_whole(job, block):  # only after all of the block's chunks are written
+            record.mark_done(block.index)
+
     with (
         ThreadPoolExecutor(max_workers=1) as reader,
+        ThreadPoolExecutor(max_workers=1) as writer,
         _progress(total, total - len(pending), progress) as bar,
     ):
-        # Read block i + 1 (zarr decompression releases the GIL) while block i is predicted.
+        # Block i + 1 is read and block i - 1 written (zarr's decompression, compression and
+        # file I/O release the GIL) while block i is predicted: at most three blocks in memory.
         future = reader.submit(block_ops.read_block, job, image, pending[0])
+        written = None
         for i, block in enumerate(pending):
             inputs = future.result()
             if i + 1 < len(pending):
                 future = reader.submit(block_ops.read_block, job, image, pending[i + 1])
             values = block_ops.compute_block(job, predictor, inputs)
-            block_ops.write_block(group, job, block, values)
-            if block_ops.is_whole(job, block):  # only after all of the block's chunks are written
-                record.mark_done(block.index)
-            bar.update()
+            if written is not None:
+                written.result()  # raises the writer's error; keeps one write in flight
+                bar.update()
+            written = writer.submit(write, block, values)
+        assert written is not None  # pending is not empty
+        written.result()
+        bar.update()
 
 
 def run_dask(
