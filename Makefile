@@ -13,7 +13,7 @@ DEV_STAMP := $(VENV)/.joenet-dev-installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test lint format bench clean
+.PHONY: help install train test lint format bench bench-gpu clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -60,6 +60,11 @@ bench: $(DEV_STAMP) ## Run the benchmarks against their peers (~2.5 h on 2 CPU c
 	$(PY) benchmarks/predict_bench.py
 	$(PY) benchmarks/recipe_ablation.py --out recipe_ablation
 	$(PY) benchmarks/time_to_accuracy.py --out time_to_accuracy
+
+# One table for a new (GPU) machine: training step, data pipeline, prediction against MONAI, DDP.
+bench-gpu: $(DEV_STAMP) ## Check speed on this machine's GPU (CPU: a tiny smoke run); writes gpu_check.md/.csv
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/gpu_check.py $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else '--tiny --ddp-on-cpu')") --out gpu_check $(ARGS)
 
 clean: ## Remove the venv, caches and build outputs (keeps logs/ and data/)
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache src/*.egg-info

@@ -1,9 +1,10 @@
 """Prediction throughput and peak memory: joenet's local executor against MONAI's sliding window.
 
 Same model (a default ``UNet2d`` with random weights), same tile (256), same overlap (64 px, MONAI's
-fraction 0.25), Gaussian blending, fp32 on the CPU; each tool with its default tiles per forward
-pass (joenet: 1 on a CPU, MONAI: ``sw_batch_size=1``) and both with 8. Each side runs in its own
-subprocess so that its peak RSS (``ru_maxrss``) is its own:
+fraction 0.25), Gaussian blending, fp32 on the CPU (bf16 autocast for both with ``--device
+cuda``); each tool with its default tiles per forward pass (joenet: 1 on a CPU, MONAI:
+``sw_batch_size=1``), joenet also compiled (``compile=true``, its compile timed apart), and both
+with 8. Each side runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own:
 
 * joenet: ``predict_volume`` from a zarr volume on disk to an OME-Zarr on disk (reads, blends,
   quantises to uint8 and writes chunk by chunk);
@@ -77,6 +78,8 @@ class _CallTimer:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         out = self.net(x)
+        if out.is_cuda:  # kernels run asynchronously: wait for them to count their time
+            torch.cuda.synchronize()
         self.seconds += time.perf_counter() - start
         self.tiles += x.shape[0]
         return out
@@ -84,7 +87,7 @@ class _CallTimer:
 
 def _warm_up(net: torch.nn.Module) -> None:
     with torch.inference_mode():
-        net(torch.rand(1, 1, 256, 256))
+        net(torch.rand(1, 1, 256, 256, device=next(net.parameters()).device))
 
 
 def _run_joenet(
@@ -93,7 +96,7 @@ def _run_joenet(
     from joenet.checkpoint import cached_model
     from joenet.predict import predict_volume, work_units
 
-    _warm_up(cached_model(ckpt, "cpu").net)  # predict_volume reuses this cached model
+    _warm_up(cached_model(ckpt, args.device).net)  # predict_volume reuses this cached model
     # Time the network prediction runs (folded, channels_last, maybe compiled), not the raw one.
     make, timers = work_units.inference_network, []
 
@@ -106,7 +109,7 @@ def _run_joenet(
         "tile": args.tile,
         "overlap": args.overlap,
         "batch_size": batch_size,
-        "device": "cpu",
+        "device": args.device,
         "progress": False,
         "compile": compile,
     }
@@ -146,24 +149,27 @@ def _run_monai(ckpt: Path, volume: Path, args: argparse.Namespace, sw_batch_size
     from joenet.lit_module import SegmentationLitModule
     from joenet.volume import to_unit_range
 
-    net = SegmentationLitModule.load_from_checkpoint(ckpt, weights_only=True).net.eval()
+    device = torch.device(args.device)
+    net = SegmentationLitModule.load_from_checkpoint(ckpt, weights_only=True).net.eval().to(device)
+    # As joenet's precision=auto: bf16 autocast on a GPU, fp32 on a CPU.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     _warm_up(net)
     timer = _CallTimer(net)
     raw = zarr.open_group(str(volume), mode="r")["raw"][...]  # the whole volume in memory
     out = np.zeros((2, *raw.shape), dtype=np.uint8)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast:
         for z in range(raw.shape[0]):
-            image = torch.from_numpy(to_unit_range(raw[z]))[None, None]  # (1, 1, H, W)
+            image = torch.from_numpy(to_unit_range(raw[z]))[None, None].to(device)
             probs = sliding_window_inference(
                 image,
                 roi_size=(args.tile, args.tile),
                 sw_batch_size=sw_batch_size,
-                predictor=lambda x: timer(x).sigmoid(),
+                predictor=lambda x: timer(x).float().sigmoid(),
                 overlap=args.overlap / args.tile,
                 mode="gaussian",
             )
-            out[:, z] = (probs[0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+            out[:, z] = (probs[0] * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "forward": timer.seconds, "tiles": timer.tiles, "compile": 0.0}
 
@@ -192,6 +198,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="the non-default batch")
     parser.add_argument("--repeat", type=int, default=1, help="runs per side; the fastest counts")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both tools)")
+    parser.add_argument(
+        "--pairs", default="default,compile,batch", help="which of the three comparisons to run"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--volume", help=argparse.SUPPRESS)
@@ -202,11 +213,12 @@ def main() -> None:
     batch = args.batch_size
     # (joenet side, its MONAI peer): the default (compile=auto: eager below 1,000 tiles), compiled
     # (the compile timed apart, in a one-slice run first), and both tools at a larger batch.
-    pairs = [
-        ("joenet:batch=default", "monai:batch=default"),
-        ("joenet+compile=true:batch=default", "monai:batch=default"),
-        (f"joenet:batch={batch}", f"monai:batch={batch}"),
-    ]
+    pairs = {
+        "default": ("joenet:batch=default", "monai:batch=default"),
+        "compile": ("joenet+compile=true:batch=default", "monai:batch=default"),
+        "batch": (f"joenet:batch={batch}", f"monai:batch={batch}"),
+    }
+    pairs = [pairs[name] for name in args.pairs.split(",")]
     sides = list(dict.fromkeys(side for pair in pairs for side in pair))
     try:
         import monai  # noqa: F401
@@ -236,6 +248,8 @@ def main() -> None:
                 str(args.batch_size),
                 "--threads",
                 str(args.threads),
+                "--device",
+                args.device,
             ]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode:
@@ -267,6 +281,12 @@ def main() -> None:
             with_compile = peer["seconds"] / (ours["seconds"] + ours["compile"])
             line += f" ({with_compile:.2f}x counting the compile once)"
         print(line)
+    if args.json:
+        ratios = {
+            f"{ours} / {peer}": results[peer]["seconds"] / results[ours]["seconds"]
+            for ours, peer in pairs
+        }
+        args.json.write_text(json.dumps({"sides": results, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

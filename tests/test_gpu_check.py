@@ -1,0 +1,37 @@
+"""``make bench-gpu``'s script runs end to end on a CPU at a tiny size before a GPU is at hand."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_part_on_a_cpu(tmp_path: Path) -> None:
+    pytest.importorskip("monai", reason="the prediction part compares with MONAI (joenet[bench])")
+    out = tmp_path / "gpu_check"
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny"]
+    command += ["--no-compile", "--ddp-on-cpu", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with out.with_suffix(".csv").open() as file:
+        rows = list(csv.DictReader(file))
+    parts = {row["part"] for row in rows}
+    assert parts == {"train step", "data pipeline", "prediction", "DDP"}
+    settings = {row["setting"] for row in rows}
+    assert {"batch 2, channels_last", "batch 4, eager", "0 workers", "1 workers"} <= settings
+    assert "joenet:batch=default / monai:batch=default" in settings
+    ddp = next(row for row in rows if row["setting"] == "2 / 1 processes")
+    assert float(ddp["value"].removesuffix("x")) > 0
+    for row in rows:  # every measured value is a positive number with its unit
+        number = row["value"].split()[0].removesuffix("x")
+        assert float(number) > 0, row
+    assert out.with_suffix(".md").read_text().count("\n| ") == len(rows) + 1
