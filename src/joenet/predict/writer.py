@@ -7,6 +7,7 @@ Layout (NGFF 0.5 on zarr v3)::
                                   "joenet": {checkpoint, config, version, fingerprint, ...}}
       nuclei, mito         uint8 (z, y, x): probability x 255, or 0/1 with a threshold
       nuclei_instances     uint32 connected components (with instances=true)
+      nuclei_s1, ...       scale levels, labels/ NGFF label images (predict/viewer_levels.py)
       .joenet/done         bool per block (grid of blocks), True once the block is written
 
 zarr stores no chunk that equals the fill value, so which chunks exist says nothing about what
@@ -18,6 +19,7 @@ Dask workers can set theirs safely.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +30,7 @@ import zarr
 
 NGFF_VERSION = "0.5"
 _RECORD_GROUP = ".joenet"
+_LABELS_GROUP = "labels"  # NGFF label images (predict/viewer_levels.py)
 _ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray", ".zattrs")
 
 
@@ -134,8 +137,14 @@ def _remove_prediction(path: str, earlier: Mapping[str, Any]) -> None:
     if _is_url(path):  # an object store prefix: zarr clears the group it made
         zarr.open_group(path, mode="w", zarr_format=3)
         return
-    ours = {*_ZARR_METADATA, _RECORD_GROUP, *dict(earlier["fingerprint"]).get("arrays", {})}
-    foreign = sorted(entry.name for entry in Path(path).iterdir() if entry.name not in ours)
+    arrays = dict(earlier["fingerprint"]).get("arrays", {})
+    ours = {*_ZARR_METADATA, _RECORD_GROUP, *arrays, _LABELS_GROUP}
+    levels = re.compile(rf"({'|'.join(map(re.escape, arrays))})_s\d+") if arrays else None
+
+    def written_by_us(name: str) -> bool:  # the arrays, their scale levels, the label images
+        return name in ours or bool(levels and levels.fullmatch(name))
+
+    foreign = sorted(entry.name for entry in Path(path).iterdir() if not written_by_us(entry.name))
     if foreign:
         raise OutputError(
             f"output {path} is an earlier joenet prediction but also holds {foreign}, which "

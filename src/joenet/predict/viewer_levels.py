@@ -1,0 +1,174 @@
+"""What viewers need beside the full-resolution arrays: scale levels and NGFF label images.
+
+Added to the prediction's group (OME-NGFF 0.5, validated by ``ome-zarr-models`` in the tests)::
+
+    <class>_s1, <class>_s2, ...        each class array halved in y and x per level, listed as
+                                       the levels of its multiscale entry (z is kept: serial
+                                       sections are often much thicker than a pixel)
+    labels/                            {"ome": {"labels": [...]}}
+    labels/<class>_instances/0, 1, ... with instances=true: the instance ids as an NGFF label
+                                       image (``image-label`` metadata), so napari shows a
+                                       labels layer
+    labels/<class>/0, 1, ...           with a threshold: the 0/1 mask as a label image
+
+Probabilities are averaged 2 x 2 per level; labels take every second pixel (an average of ids
+means nothing). Levels stop once the largest side is at most ``MIN_SIDE``.
+
+Why the label images are copies: scripts and ``joenet.evaluate`` read ``<output>/<class>`` and
+``<output>/<class>_instances`` (the documented layout), while NGFF puts label images in
+``labels/<name>/`` groups, and zarr has no links between arrays. Label arrays are runs of one id,
+so the copies compress to little (docs/viewing.md gives the measured size).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import zarr
+
+MIN_SIDE = 256
+_BOX = 2048  # y/x side of the full-resolution box read at a time: bounds memory
+
+
+def level_count(shape: Sequence[int], min_side: int = MIN_SIDE) -> int:
+    """Levels below full resolution: halvings until the largest y/x side is <= ``min_side``."""
+    return max(0, math.ceil(math.log2(max(shape[1], shape[2]) / min_side)))
+
+
+def level_shape(shape: Sequence[int], level: int) -> tuple[int, int, int]:
+    factor = 2**level
+    return (shape[0], math.ceil(shape[1] / factor), math.ceil(shape[2] / factor))
+
+
+def halve(block: np.ndarray, labels: bool) -> np.ndarray:
+    """One level down in y and x: every second pixel for labels, 2 x 2 means otherwise."""
+    if labels:
+        return block[:, ::2, ::2]
+    pad = [(0, 0), (0, block.shape[1] % 2), (0, block.shape[2] % 2)]
+    even = np.pad(block, pad, mode="edge").astype(np.float32)
+    z, y, x = even.shape
+    means = even.reshape(z, y // 2, 2, x // 2, 2).mean(axis=(2, 4))
+    return np.rint(means).astype(block.dtype)
+
+
+def _boxes(
+    shape: Sequence[int], chunks: Sequence[int], z_range: tuple[int, int], step: int
+) -> Iterator[tuple[slice, slice, slice]]:
+    """Full-resolution boxes: whole z chunks of ``z_range``, ``step`` px in y and x."""
+    z_first = z_range[0] // chunks[0] * chunks[0]
+    for z0, y0, x0 in itertools.product(
+        range(z_first, z_range[1], chunks[0]), range(0, shape[1], step), range(0, shape[2], step)
+    ):
+        yield (
+            slice(z0, min(z0 + chunks[0], shape[0])),
+            slice(y0, min(y0 + step, shape[1])),
+            slice(x0, min(x0 + step, shape[2])),
+        )
+
+
+def write_levels(
+    source: zarr.Array, targets: Sequence[zarr.Array], labels: bool, z_range: tuple[int, int]
+) -> None:
+    """Fill ``targets[k]`` with ``source`` at level ``k + 1``, over ``z_range``, box by box.
+
+    ``targets`` may start with a full-resolution copy (level 0) when its shape is the source's.
+    """
+    copy = bool(targets) and targets[0].shape == source.shape
+    levels = len(targets) - copy
+    step = max(_BOX, source.chunks[1], source.chunks[2]) // 2**levels * 2**levels or 2**levels
+    for box in _boxes(source.shape, source.chunks, z_range, step):
+        data = np.asarray(source[box])
+        if copy:
+            targets[0][box] = data
+        for level, target in enumerate(targets[copy:], start=1):
+            data = halve(data, labels)
+            factor = 2**level
+            y0, x0 = box[1].start // factor, box[2].start // factor
+            target[box[0], y0 : y0 + data.shape[1], x0 : x0 + data.shape[2]] = data
+
+
+def multiscale_entry(
+    name: str, paths: Sequence[str], voxel_size_nm: Sequence[float] | None
+) -> dict:
+    """An NGFF multiscale entry whose level ``k`` (``paths[k]``) is halved ``k`` times in y, x.
+
+    Level ``k``'s voxel centres sit at ``(2**k - 1) / 2`` full-resolution voxels from level 0's,
+    so every level covers the same physical box.
+    """
+    unit = {"unit": "nanometer"} if voxel_size_nm else {}
+    voxel = [float(v) for v in voxel_size_nm] if voxel_size_nm else [1.0, 1.0, 1.0]
+    datasets = []
+    for level, path in enumerate(paths):
+        factor = 2**level
+        scale = [voxel[0], voxel[1] * factor, voxel[2] * factor]
+        transforms: list[dict] = [{"type": "scale", "scale": scale}]
+        if level:
+            shift = [0.0, voxel[1] * (factor - 1) / 2, voxel[2] * (factor - 1) / 2]
+            transforms.append({"type": "translation", "translation": shift})
+        datasets.append({"path": path, "coordinateTransformations": transforms})
+    return {
+        "name": name,
+        "axes": [{"name": axis, "type": "space", **unit} for axis in "zyx"],
+        "datasets": datasets,
+    }
+
+
+def _array(group: zarr.Group, path: str, like: zarr.Array, shape: tuple[int, ...]) -> zarr.Array:
+    if path in group:
+        return group[path]
+    chunks = tuple(min(c, s) for c, s in zip(like.chunks, shape, strict=True))
+    return group.create_array(
+        path,
+        shape=shape,
+        chunks=chunks,
+        dtype=like.dtype,
+        fill_value=0,
+        dimension_names=("z", "y", "x"),
+    )
+
+
+def write_viewer_levels(
+    group: zarr.Group,
+    class_names: Sequence[str],
+    label_names: Sequence[str],
+    voxel_size_nm: Sequence[float] | None,
+    z_range: tuple[int, int],
+) -> None:
+    """Scale levels of every class array, and ``label_names`` as NGFF label images.
+
+    Args:
+        group: the prediction's root group (its arrays complete over ``z_range``).
+        class_names: the per-class arrays (probabilities, or masks with a threshold).
+        label_names: arrays of ``group`` that are labels (masks, instance ids).
+        voxel_size_nm: the full-resolution voxel size, or None.
+        z_range: the slices to (re)compute.
+    """
+    shape = group[class_names[0]].shape
+    levels = level_count(shape)
+    entries = []
+    for name in class_names:
+        source = group[name]
+        paths = [name, *(f"{name}_s{k}" for k in range(1, levels + 1))]
+        targets = [_array(group, p, source, level_shape(shape, k)) for k, p in enumerate(paths)]
+        write_levels(source, targets[1:], name in label_names, z_range)
+        entries.append(multiscale_entry(name, paths, voxel_size_nm))
+    ome = dict(group.attrs["ome"])
+    group.attrs["ome"] = {**ome, "multiscales": entries}
+    if not label_names:
+        return
+    labels = group.require_group("labels")
+    for name in label_names:
+        source = group[name]
+        image = labels.require_group(name)
+        paths = [str(k) for k in range(levels + 1)]
+        targets = [_array(image, p, source, level_shape(shape, k)) for k, p in enumerate(paths)]
+        write_levels(source, targets, True, z_range)
+        image.attrs["ome"] = {
+            "version": ome["version"],
+            "multiscales": [multiscale_entry(name, paths, voxel_size_nm)],
+            "image-label": {"version": ome["version"], "source": {"image": "../../"}},
+        }
+    labels.attrs["ome"] = {"version": ome["version"], "labels": list(label_names)}

@@ -1,0 +1,105 @@
+"""Outputs that viewers open: scale levels, NGFF label images, validated with ome-zarr-models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from joenet.predict import predict_volume, viewer_levels
+from joenet.predict.viewer_levels import halve, level_count, write_levels
+from tests.test_predict import FAST
+
+
+def _reference_levels(volume: np.ndarray, levels: int, labels: bool) -> list[np.ndarray]:
+    """Each level from the whole previous one in memory (no boxes)."""
+    out = [volume]
+    for _ in range(levels):
+        out.append(halve(out[-1], labels))
+    return out[1:]
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_levels_written_box_by_box_equal_the_whole_volume_halved(
+    labels: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(viewer_levels, "_BOX", 16)  # many boxes, odd edges at every level
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 256, (3, 37, 45), dtype=np.uint8)
+    group = zarr.open_group(str(tmp_path / "v.zarr"), mode="w")
+    source = group.create_array("a", data=volume, chunks=(1, 8, 8))
+    shapes = [(3, 19, 23), (3, 10, 12), (3, 5, 6)]
+    targets = [
+        group.create_array(f"a{k}", shape=s, dtype="uint8", chunks=(1, 8, 8))
+        for k, s in enumerate(shapes)
+    ]
+    write_levels(source, targets, labels, (0, 3))
+    for target, expected in zip(targets, _reference_levels(volume, 3, labels), strict=True):
+        np.testing.assert_array_equal(target[...], expected)
+    # Means of 2 x 2, rounded; labels keep ids that exist (every second pixel).
+    assert halve(np.array([[[0, 255], [255, 255]]], dtype=np.uint8), False)[0, 0, 0] == 191
+    assert halve(np.array([[[7, 0], [0, 0]]], dtype=np.uint32), True)[0, 0, 0] == 7
+    assert level_count((1, 1024, 768)) == 2 and level_count((1, 256, 100)) == 0
+
+
+def test_prediction_validates_as_ome_ngff_with_levels_and_labels(
+    ckpt_path: Path, tmp_path: Path
+) -> None:
+    models = pytest.importorskip("ome_zarr_models.v05", reason="pip install ome-zarr-models")
+    rng = np.random.default_rng(1)
+    volume = tmp_path / "in.zarr"
+    group = zarr.open_group(str(volume), mode="w")
+    group.attrs["voxel_size_nm"] = [8, 8, 8]
+    group.create_array(
+        "raw", data=rng.integers(0, 256, (2, 600, 520), dtype=np.uint8), chunks=(1, 128, 128)
+    )
+    output = tmp_path / "pred.zarr"
+    options = {"threshold": 0.5, "instances": True, "tile": 128, "overlap": 32, **FAST}
+    predict_volume(ckpt_path, volume, output, **options)
+
+    root = zarr.open_group(str(output), mode="r")
+    image = models.Image.from_zarr(root)  # raises on anything the spec does not allow
+    entries = root.attrs["ome"]["multiscales"]
+    assert [e["name"] for e in entries] == ["nuclei", "mito"]
+    assert [d["path"] for d in entries[1]["datasets"]] == ["mito", "mito_s1", "mito_s2"]
+    assert root["mito_s1"].shape == (2, 300, 260) and root["mito_s2"].shape == (2, 150, 130)
+    level2 = entries[1]["datasets"][2]["coordinateTransformations"]
+    assert level2 == [
+        {"type": "scale", "scale": [8.0, 32.0, 32.0]},
+        {"type": "translation", "translation": [0.0, 12.0, 12.0]},
+    ]
+    np.testing.assert_array_equal(root["mito_s1"][...], root["mito"][:, ::2, ::2])  # a mask
+
+    names = ["nuclei", "mito", "nuclei_instances", "mito_instances"]
+    assert root["labels"].attrs["ome"]["labels"] == names
+    assert image.labels is not None
+    for name in names:
+        label = models.ImageLabel.from_zarr(root[f"labels/{name}"])
+        assert label.ome_attributes.image_label.source.image == "../../"
+        np.testing.assert_array_equal(root[f"labels/{name}/0"][...], root[name][...])
+        assert root[f"labels/{name}/2"].shape == (2, 150, 130)
+    assert root["labels/mito_instances/0"].dtype == np.uint32
+    np.testing.assert_array_equal(
+        root["labels/mito_instances/1"][...], root["mito_instances"][:, ::2, ::2]
+    )
+    # overwrite=true knows the levels and label images as its own and replaces them all.
+    predict_volume(ckpt_path, volume, output, overwrite=True, **options)
+    assert models.Image.from_zarr(zarr.open_group(str(output), mode="r")) is not None
+
+
+def test_probability_levels_are_means_and_can_be_left_out(ckpt_path: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    volume = tmp_path / "in.zarr"
+    group = zarr.open_group(str(volume), mode="w")
+    group.attrs["voxel_size_nm"] = [8, 8, 8]
+    group.create_array(
+        "raw", data=rng.integers(0, 256, (1, 320, 300), dtype=np.uint8), chunks=(1, 128, 128)
+    )
+    options = {"tile": 128, "overlap": 32, **FAST}
+    root = zarr.open_group(str(predict_volume(ckpt_path, volume, tmp_path / "a.zarr", **options)))
+    np.testing.assert_array_equal(root["nuclei_s1"][...], halve(root["nuclei"][...], False))
+    assert "labels" not in root  # no threshold, no instances: nothing is a label
+    plain = predict_volume(ckpt_path, volume, tmp_path / "b.zarr", viewer_levels=False, **options)
+    assert sorted(zarr.open_group(str(plain)).keys()) == [".joenet", "mito", "nuclei"]
