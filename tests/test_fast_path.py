@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,15 @@ from joenet.predict.fast_path import (
     resolve_compile,
 )
 from tests.test_predict import FAST, _random_bn_net
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    """Forget compiled frames after each test: dynamo remembers the shapes a frame saw, and a
+    later ``torch.compile`` of the same UNet2d code (the training tests') would otherwise
+    compile it with dynamic shapes."""
+    yield
+    torch._dynamo.reset()
 
 
 def test_compiled_network_matches_eager_for_every_batch_and_shape() -> None:
