@@ -207,7 +207,7 @@ def ddp(args: argparse.Namespace, device: torch.device, data_dir: Path) -> list[
                 f"data.patch_size={args.patch_size}",
                 f"data.batch_size={args.batch_sizes[0]}",
                 f"data.patches_per_epoch={args.batch_sizes[0] * args.steps * 4}",
-                "data.num_workers=2",
+                f"data.num_workers={0 if args.tiny else 2}",  # each worker imports torch
                 f"trainer.accelerator={accelerator}",
                 f"trainer.devices={devices}",
                 f"trainer.max_epochs={1 if args.tiny else 2}",
