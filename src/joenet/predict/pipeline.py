@@ -18,7 +18,7 @@ from joenet.predict.executor import run_dask, run_local
 from joenet.predict.fast_path import check_compile, resolve_compile
 from joenet.predict.input_image import InputImage, open_input
 from joenet.predict.tiling import autocast_dtype, tile_margin
-from joenet.predict.viewer_levels import level_count, write_viewer_levels
+from joenet.predict.viewer_levels import update_viewer_levels
 from joenet.predict.work_units import Block, BlockJob, count_tiles, make_blocks
 from joenet.predict.writer import CompletionRecord, check_output, open_output
 from joenet.volume import check_z_range
@@ -27,7 +27,6 @@ from joenet.volume.output_lock import exclusive_output
 
 log = logging.getLogger(__name__)
 _INSTANCES_RECORD = "instances_z_ranges"  # z ranges whose instance labels are complete
-_LEVELS_RECORD = "viewer_levels_z_ranges"  # z ranges whose scale levels and label images are done
 _FINGERPRINT_KEYS = ("tile", "overlap", "blending", "tta", "threshold")
 
 
@@ -77,27 +76,6 @@ def _label_instances(group: Any, record: CompletionRecord, job: BlockJob, change
         count = label_instances(group[name], group[f"{name}_instances"], cut, job.z_range)
         log.info("%s: %d instances", name, count)
     record.update_attrs({_INSTANCES_RECORD: [*labelled, z_range]})
-
-
-def _viewer_levels(
-    group: Any,
-    record: CompletionRecord,
-    job: BlockJob,
-    changed: bool,
-    instances: bool,
-    voxel_size: Sequence[float] | None,
-) -> None:
-    """Scale levels and NGFF label images, once per z range (again when blocks changed)."""
-    z_range = list(job.z_range)
-    done = record.attrs().get(_LEVELS_RECORD, [])
-    if not changed and z_range in done:
-        return
-    labels = list(job.class_names) if job.threshold is not None else []
-    labels += [f"{name}_instances" for name in job.class_names] if instances else []
-    if not labels and not level_count(group[job.class_names[0]].shape):
-        return  # a small volume of probabilities: already all a viewer needs, nothing to note
-    write_viewer_levels(group, job.class_names, labels, voxel_size, job.z_range)
-    record.update_attrs({_LEVELS_RECORD: [*done, z_range]})
 
 
 def _output_attrs(
@@ -299,5 +277,5 @@ def predict_volume(
         if instances:
             _label_instances(group, record, job, bool(pending))
         if viewer_levels:
-            _viewer_levels(group, record, job, bool(pending), instances, voxel_size)
+            update_viewer_levels(group, record, job, bool(pending), instances, voxel_size)
     return Path(output)

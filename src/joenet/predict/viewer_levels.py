@@ -25,11 +25,17 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
 
+if TYPE_CHECKING:
+    from joenet.predict.work_units import BlockJob
+    from joenet.predict.writer import CompletionRecord
+
 MIN_SIDE = 256
+_LEVELS_RECORD = "viewer_levels_z_ranges"  # z ranges whose levels and label images are done
 _BOX = 2048  # y/x side of the full-resolution box read at a time: bounds memory
 
 
@@ -118,7 +124,9 @@ def multiscale_entry(
 
 def _array(group: zarr.Group, path: str, like: zarr.Array, shape: tuple[int, ...]) -> zarr.Array:
     if path in group:
-        return group[path]
+        existing = group[path]
+        assert isinstance(existing, zarr.Array)  # only this module writes these paths
+        return existing
     chunks = tuple(min(c, s) for c, s in zip(like.chunks, shape, strict=True))
     return group.create_array(
         path,
@@ -172,3 +180,24 @@ def write_viewer_levels(
             "image-label": {"version": ome["version"], "source": {"image": "../../"}},
         }
     labels.attrs["ome"] = {"version": ome["version"], "labels": list(label_names)}
+
+
+def update_viewer_levels(
+    group: zarr.Group,
+    record: CompletionRecord,
+    job: BlockJob,
+    changed: bool,
+    instances: bool,
+    voxel_size_nm: Sequence[float] | None,
+) -> None:
+    """``write_viewer_levels`` once per z range of a prediction (again when blocks changed)."""
+    z_range = list(job.z_range)
+    done = record.attrs().get(_LEVELS_RECORD, [])
+    if not changed and z_range in done:
+        return
+    labels = list(job.class_names) if job.threshold is not None else []
+    labels += [f"{name}_instances" for name in job.class_names] if instances else []
+    if not labels and not level_count(group[job.class_names[0]].shape):
+        return  # a small volume of probabilities: already all a viewer needs, nothing to note
+    write_viewer_levels(group, job.class_names, labels, voxel_size_nm, job.z_range)
+    record.update_attrs({_LEVELS_RECORD: [*done, z_range]})
