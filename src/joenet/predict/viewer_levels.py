@@ -82,7 +82,9 @@ def write_levels(
 
     ``targets`` may start with a full-resolution copy (level 0) when its shape is the source's.
     """
-    copy = bool(targets) and targets[0].shape == source.shape
+    if not targets:
+        return
+    copy = targets[0].shape == source.shape
     levels = len(targets) - copy
     step = max(_BOX, source.chunks[1], source.chunks[2]) // 2**levels * 2**levels or 2**levels
     for box in _boxes(source.shape, source.chunks, z_range, step):
