@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_gpu_check_runs_every_part_on_a_cpu(tmp_path: Path) -> None:
-    pytest.importorskip("monai", reason="the prediction part compares with MONAI (joenet[bench])")
     out = tmp_path / "gpu_check"
     command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny"]
     command += ["--no-compile", "--ddp-on-cpu", "--out", str(out)]
@@ -28,7 +28,9 @@ def test_gpu_check_runs_every_part_on_a_cpu(tmp_path: Path) -> None:
     assert parts == {"train step", "data pipeline", "prediction", "DDP"}
     settings = {row["setting"] for row in rows}
     assert {"batch 2, channels_last", "batch 4, eager", "0 workers", "1 workers"} <= settings
-    assert "joenet:batch=default / monai:batch=default" in settings
+    assert "joenet:batch=default" in settings
+    if importlib.util.find_spec("monai") is not None:  # the peer is in joenet[bench]
+        assert "joenet:batch=default / monai:batch=default" in settings
     ddp = next(row for row in rows if row["setting"] == "2 / 1 processes")
     assert float(ddp["value"].removesuffix("x")) > 0
     for row in rows:  # every measured value is a positive number with its unit
