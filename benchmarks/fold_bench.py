@@ -1,10 +1,14 @@
-"""Inference forward time per 256 px tile: joenet eager, joenet with folded BatchNorms, and MONAI's
-BasicUNet (the peer network, eager), on this machine's CPU, batch 1, fp32.
+"""Inference forward time per 256 px tile, step by step along prediction's fast path, against
+MONAI's BasicUNet (eager and compiled alike), on this machine's CPU, batch 1, fp32.
 
-Each network is timed in turns (eager, folded, peer, eager, ...) so that load changes hit all
-three alike; the median of ``--repeat`` rounds of ``--tiles`` forwards counts. Run::
+Rows: joenet eager, with its BatchNorms folded, + channels_last (prediction's default), and
+compiled with freezing (``compile=true``; ``predict/fast_path.py`` builds every joenet row), and
+the peer network eager and compiled the same way. Each is timed in turns so that load changes
+hit all alike; the median of ``--repeat`` rounds of ``--tiles`` forwards counts. GFLOP/s
+(convolutions, ``joenet.model.cost``) is compared with an fp32 matmul peak measured between the
+rounds. Run::
 
-    python benchmarks/fold_bench.py [--tiles 20] [--repeat 5]
+    python benchmarks/fold_bench.py [--tiles 20] [--repeat 5] [--no-compile]
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 from joenet.model import UNet2d
+from joenet.model.cost import count_gflops
 from joenet.model.fold import fold_batchnorms
+from joenet.predict.fast_path import inference_network
 
 
-def _time(net: torch.nn.Module, x: torch.Tensor, tiles: int) -> float:
+def _time(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiles: int) -> float:
     with torch.inference_mode():
         start = time.perf_counter()
         for _ in range(tiles):
@@ -27,11 +34,21 @@ def _time(net: torch.nn.Module, x: torch.Tensor, tiles: int) -> float:
         return (time.perf_counter() - start) / tiles
 
 
+def _matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    a = torch.rand(size, size)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiles", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled rows")
     args = parser.parse_args()
     torch.manual_seed(0)
     eager = UNet2d(channels=(32, 32, 64, 128, 256), input_norm=False)
@@ -39,28 +56,53 @@ def main() -> None:
     for _ in range(3):  # running statistics other than 0 / 1, as a trained network has
         eager(torch.rand(4, 1, 128, 128))
     eager.eval()
-    folded, names = fold_batchnorms(eager)
-    nets = {"joenet eager": eager, "joenet folded": folded}
+    shape = (1, 1, args.size, args.size)
+    _, names = fold_batchnorms(eager)
+    nets: dict[str, tuple[Callable, torch.nn.Module]] = {
+        "joenet eager": (eager, eager),
+        "joenet folded": (inference_network(eager, channels_last=False), eager),
+        "joenet folded + channels_last": (inference_network(eager), eager),
+    }
+    if not args.no_compile:
+        compiled = inference_network(eager, compile=True, input_shape=shape)
+        nets["joenet compiled (compile=true)"] = (compiled, eager)
     try:
         from monai.networks.nets import BasicUNet
 
-        nets["MONAI BasicUNet"] = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2).eval()
+        peer = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2).eval()
+        nets["MONAI BasicUNet"] = (peer, peer)
+        if not args.no_compile:
+            peer_compiled = torch.compile(peer, dynamic=False, options={"freezing": True})
+            nets["MONAI BasicUNet compiled"] = (peer_compiled, peer)
     except ImportError as err:
         print(f"MONAI skipped ({err})")
-    x = torch.rand(1, 1, args.size, args.size)
-    for net in nets.values():  # warm-up: allocations, oneDNN primitive caches
-        _time(net, x, 3)
+    x = torch.rand(shape)
+    compile_s = {}
+    for name, (net, _) in nets.items():  # warm-up: allocations, oneDNN caches, compilation
+        start = time.perf_counter()
+        _time(net, x, 1)
+        compile_s[name] = time.perf_counter() - start
+        _time(net, x, 2)
     times: dict[str, list[float]] = {name: [] for name in nets}
+    peaks = []
     for _ in range(args.repeat):
-        for name, net in nets.items():
+        peaks.append(_matmul_peak())
+        for name, (net, _) in nets.items():
             times[name].append(_time(net, x, args.tiles))
+    peak = statistics.median(peaks)
     print(f"{len(names)} BatchNorms folded: {', '.join(names)}")
-    print(f"| network | ms per {args.size} px tile | tiles/s | vs joenet eager |")
-    print("|---|---:|---:|---:|")
+    print(f"fp32 matmul peak {peak:.0f} GFLOP/s (median of {args.repeat}, between the rounds)")
+    columns = "tiles/s | vs joenet eager | GFLOP/s | % of peak | first call s"
+    print(f"| network | ms per {args.size} px tile | {columns} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     base = statistics.median(times["joenet eager"])
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"| {name} | {1000 * median:.1f} | {1 / median:.2f} | {base / median:.2f}x |")
+        gflop = count_gflops(nets[name][1], train=False, shape=shape)
+        print(
+            f"| {name} | {1000 * median:.1f} | {1 / median:.2f} | {base / median:.2f}x | "
+            f"{gflop / median:.0f} | {100 * gflop / median / peak:.0f} % | {compile_s[name]:.1f} |"
+        )
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
