@@ -1,10 +1,10 @@
 """The network as prediction runs it: folded BatchNorms, channels_last, and torch.compile.
 
 Measured on this project's 2-core AVX2 CPU, batch 1, 256 px tiles, fp32 (``python
-benchmarks/predict_bench.py``): folding 1.03x, channels_last another ~1.25x (oneDNN's blocked
-convolutions skip the layout reorders NCHW needs), ``torch.compile`` with freezing ~1.8x over
-eager in all (weights become constants, so inductor pre-packs them and fuses the
-pointwise ops into the convolutions). Compiling costs 13-22 s per process (less with a warm
+benchmarks/fold_bench.py``, docs/fold_bench.md): folding 1.03-1.10x, channels_last another 1.13x
+(oneDNN's blocked convolutions skip the layout reorders NCHW needs), ``torch.compile`` with
+freezing 1.54x over eager in all (weights become constants, so inductor pre-packs them and fuses
+the pointwise ops into the convolutions). Compiling costs ~20 s per process (less with a warm
 inductor cache in ``/tmp/torchinductor_<user>``), so ``compile="auto"`` compiles on a CPU only
 when the run has enough tiles to pay it back several times over. On GPUs nothing has been
 measured yet, so ``auto`` leaves them eager.
@@ -26,8 +26,9 @@ from joenet.model.fold import fold_batchnorms
 
 log = logging.getLogger(__name__)
 
-# At >= 70 ms saved per tile on a CPU, 1,000 tiles (40 slices of 1024 x 1024) save ~70 s, over
-# three times the cold compile; below that, compiling may cost more than it saves.
+# Compiled saves ~33-35 ms per tile against eager channels_last on a CPU (predict_bench,
+# fold_bench): 1,000 tiles (40 slices of 1024 x 1024) save ~35 s against a ~22 s cold compile
+# (less with a warm inductor cache); it breaks even near 650 tiles, and loses below.
 CPU_COMPILE_MIN_TILES = 1000
 _COMPILE_WORDS: dict[str, bool | str] = {"true": True, "false": False, "auto": "auto"}
 

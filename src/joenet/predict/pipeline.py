@@ -192,9 +192,9 @@ def predict_volume(
         fold_batchnorms: fold each BatchNorm that directly follows a conv into it (the same
             function up to float rounding: logits within 1e-5, levels at most 1 apart; not part
             of the resume fingerprint).
-        channels_last: run the network in channels_last memory format (1.25x on a CPU).
-        compile: ``torch.compile`` the network with freezing (~1.8x per tile on a CPU with the
-            rest, 13-22 s to compile); ``auto`` compiles on a CPU from 1,000 tiles to predict.
+        channels_last: run the network in channels_last memory format (1.13x on a CPU).
+        compile: ``torch.compile`` the network with freezing (1.54x per tile on a CPU with the
+            rest, ~20 s to compile); ``auto`` compiles on a CPU from 1,000 tiles to predict.
             Both are float rounding only (not part of the resume fingerprint); see
             ``predict/fast_path.py``.
         viewer_levels: also write scale levels of every array (``<class>_s1``, ...) and the
