@@ -171,3 +171,23 @@ def test_blocks_are_read_predicted_and_written_in_a_bounded_pipeline(
     assert all(c[2] < w[2] + 0.2 for c, w in zip(computes[1:], writes, strict=False))
     assert peak[0] <= 3
     assert zarr.open_group(str(output))["mito"][:6].any()
+
+
+def test_a_failing_compile_falls_back_to_eager(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_compiler(*args: object, **kwargs: object) -> object:
+        def compiled(x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    net = _random_bn_net()
+    fast = inference_network(net, compile=True, input_shape=(2, 1, 64, 64))
+    x = torch.rand(1, 1, 64, 64)
+    with torch.inference_mode(), caplog.at_level("WARNING"):
+        first, second = fast(x), fast(x)
+        assert (first - net(x)).abs().max().item() < 1e-5 and torch.equal(first, second)
+    assert "torch.compile failed (RuntimeError: InvalidCxxCompiler" in caplog.text
+    assert caplog.text.count("torch.compile failed") == 1  # said once, then eager

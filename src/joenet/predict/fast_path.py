@@ -64,15 +64,31 @@ class FixedShapeCompiled(nn.Module):
         self.shape = shape
         # Freezing folds the weights into the graph as constants: inference only, which is
         # all prediction does (``forward_tiles`` runs under inference_mode).
-        self.compiled = torch.compile(net, dynamic=False, options={"freezing": True})
+        self.compiled: Callable[[Tensor], Tensor] | None = torch.compile(
+            net, dynamic=False, options={"freezing": True}
+        )
+        self._checked = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[1:] != self.shape[1:] or x.shape[0] > self.shape[0]:
+        if self.compiled is None or x.shape[1:] != self.shape[1:] or x.shape[0] > self.shape[0]:
             return self.net(x)
         batch = x.shape[0]
         if batch < self.shape[0]:  # pad the last batch rather than compile a second shape
             x = torch.cat([x, x.new_zeros((self.shape[0] - batch, *x.shape[1:]))])
-        return self.compiled(x)[:batch]
+        if self._checked:
+            return self.compiled(x)[:batch]
+        try:  # the first call compiles: inductor needs a C++ compiler, which may be missing
+            out = self.compiled(x)[:batch]
+        except Exception as err:  # any compile failure: predict eagerly instead
+            log.warning(
+                "torch.compile failed (%s: %s); predicting without it (compile=false skips it)",
+                type(err).__name__,
+                str(err).splitlines()[0][:200] if str(err) else "",
+            )
+            self.compiled = None
+            return self.net(x[:batch])
+        self._checked = True
+        return out
 
 
 def inference_network(
