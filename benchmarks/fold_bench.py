@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from train_step_bench import matmul_peak
 
 from joenet.model import UNet2d
 from joenet.model.cost import count_gflops
@@ -32,15 +33,6 @@ def _time(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiles: i
         for _ in range(tiles):
             net(x)
         return (time.perf_counter() - start) / tiles
-
-
-def _matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    a = torch.rand(size, size)
-    a @ a
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ a
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
@@ -86,7 +78,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in nets}
     peaks = []
     for _ in range(args.repeat):
-        peaks.append(_matmul_peak())
+        peaks.append(matmul_peak(torch.device("cpu"), repeats=5))
         for name, (net, _) in nets.items():
             times[name].append(_time(net, x, args.tiles))
     peak = statistics.median(peaks)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from pipeline_bench import make_data, training_s
-from train_step_bench import Row, measure
+from train_step_bench import Row, matmul_peak, measure
 
 from joenet.model import UNet2d
 from joenet.synthetic import ensure_synthetic_volume
@@ -44,28 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 Result = tuple[str, str, str, str]  # section, setting, value, note
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 4096) -> float:
-    """Achieved matmul GFLOP/s in ``dtype``: the ceiling the steps are compared against."""
-    size = size if device.type == "cuda" else 1024
-    a = torch.rand(size, size, device=device, dtype=dtype)
-    a @ a
-    _sync(device)
-    repeats = 20 if device.type == "cuda" else 3
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ a
-    _sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def training_steps(args: argparse.Namespace, device: torch.device) -> list[Result]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = matmul_peak(device, dtype)
+    gpu = device.type == "cuda"
+    peak = matmul_peak(device, size=4096 if gpu else 1024, repeats=20 if gpu else 3, dtype=dtype)
     results = [("train step", f"matmul peak ({dtype})", f"{peak:.0f} GFLOP/s", "")]
     variants = [
         Row("eager", UNet2d),

@@ -190,6 +190,61 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def _run_sides(args: argparse.Namespace, sides: list[str]) -> dict[str, dict]:
+    """Each side in its own subprocess, ``--repeat`` times interleaved; the fastest run counts."""
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, volume = _make_inputs(Path(tmp), tuple(args.shape))
+        passed = ["--tile", str(args.tile), "--overlap", str(args.overlap)]
+        passed += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+        passed += ["--device", args.device, "--ckpt", str(ckpt), "--volume", str(volume)]
+        for side in [side for _ in range(args.repeat) for side in sides]:
+            command = [sys.executable, __file__, "--side", side, *passed]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise RuntimeError(f"{side} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if side not in results or result["seconds"] < results[side]["seconds"]:
+                results[side] = result  # the fastest repeat: the least disturbed by other load
+    return results
+
+
+def _report(
+    args: argparse.Namespace, results: dict[str, dict], pairs: list[tuple[str, str]], load: float
+) -> None:
+    voxels = int(np.prod(args.shape))
+    print(
+        f"volume {tuple(args.shape)} uint8, tile {args.tile}, overlap {args.overlap}, "
+        f"{torch.get_num_threads()} torch threads; default batch: joenet 1 on a CPU, "
+        "MONAI sw_batch_size=1"
+    )
+    print(
+        f"1-min load average: {load:.2f} before, {os.getloadavg()[0]:.2f} after "
+        f"({os.cpu_count()} CPUs; other processes slow both sides)"
+    )
+    header = f"{'side':<36}{'s':>8}{'Mvox/s':>9}{'tiles':>7}{'forward %':>11}"
+    print(f"{header}{'peak RSS MiB':>14}{'compile s':>11}")
+    for side, r in results.items():
+        print(
+            f"{side:<36}{r['seconds']:>8.1f}{voxels / r['seconds'] / 1e6:>9.3f}{r['tiles']:>7}"
+            f"{100 * r['forward'] / r['seconds']:>11.1f}{r['peak_rss_mib']:>14.0f}"
+            f"{r['compile']:>11.1f}"
+        )
+    for joenet_side, monai_side in pairs:
+        ours, peer = results[joenet_side], results[monai_side]
+        line = f"{joenet_side} throughput / {monai_side}: {peer['seconds'] / ours['seconds']:.2f}x"
+        if ours["compile"]:
+            with_compile = peer["seconds"] / (ours["seconds"] + ours["compile"])
+            line += f" ({with_compile:.2f}x counting the compile once)"
+        print(line)
+    if args.json:
+        ratios = {
+            f"{ours} / {peer}": results[peer]["seconds"] / results[ours]["seconds"]
+            for ours, peer in pairs
+        }
+        args.json.write_text(json.dumps({"sides": results, "ratios": ratios}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(4, 1024, 1024))
@@ -225,68 +280,8 @@ def main() -> None:
     except ImportError:
         print("monai is not installed (pip install monai): measuring joenet only")
         sides, pairs = [side for side in sides if side.startswith("joenet")], []
-    voxels = int(np.prod(args.shape))
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt, volume = _make_inputs(Path(tmp), tuple(args.shape))
-        results: dict[str, dict] = {}
-        for side in [side for _ in range(args.repeat) for side in sides]:  # interleaved
-            command = [
-                sys.executable,
-                __file__,
-                "--side",
-                side,
-                "--ckpt",
-                str(ckpt),
-                "--volume",
-                str(volume),
-                "--tile",
-                str(args.tile),
-                "--overlap",
-                str(args.overlap),
-                "--batch-size",
-                str(args.batch_size),
-                "--threads",
-                str(args.threads),
-                "--device",
-                args.device,
-            ]
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            if done.returncode:
-                raise RuntimeError(f"{side} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            if side not in results or result["seconds"] < results[side]["seconds"]:
-                results[side] = result  # the fastest repeat: the least disturbed by other load
-    print(
-        f"volume {tuple(args.shape)} uint8, tile {args.tile}, overlap {args.overlap}, "
-        f"{torch.get_num_threads()} torch threads; default batch: joenet 1 on a CPU, "
-        "MONAI sw_batch_size=1"
-    )
-    print(
-        f"1-min load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
-        f"({os.cpu_count()} CPUs; other processes slow both sides)"
-    )
-    header = f"{'side':<36}{'s':>8}{'Mvox/s':>9}{'tiles':>7}{'forward %':>11}"
-    print(f"{header}{'peak RSS MiB':>14}{'compile s':>11}")
-    for side, r in results.items():
-        print(
-            f"{side:<36}{r['seconds']:>8.1f}{voxels / r['seconds'] / 1e6:>9.3f}{r['tiles']:>7}"
-            f"{100 * r['forward'] / r['seconds']:>11.1f}{r['peak_rss_mib']:>14.0f}"
-            f"{r['compile']:>11.1f}"
-        )
-    for joenet_side, monai_side in pairs:
-        ours, peer = results[joenet_side], results[monai_side]
-        line = f"{joenet_side} throughput / {monai_side}: {peer['seconds'] / ours['seconds']:.2f}x"
-        if ours["compile"]:
-            with_compile = peer["seconds"] / (ours["seconds"] + ours["compile"])
-            line += f" ({with_compile:.2f}x counting the compile once)"
-        print(line)
-    if args.json:
-        ratios = {
-            f"{ours} / {peer}": results[peer]["seconds"] / results[ours]["seconds"]
-            for ours, peer in pairs
-        }
-        args.json.write_text(json.dumps({"sides": results, "ratios": ratios}, indent=2))
+    _report(args, _run_sides(args, sides), pairs, load_before)
 
 
 if __name__ == "__main__":

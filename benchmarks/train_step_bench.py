@@ -49,9 +49,11 @@ class Row:
     fused: bool = True  # AdamW's fused kernel; False: the default multi-tensor one
 
 
-def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
-    """Achieved fp32 matmul GFLOP/s, the ceiling convolutions are compared against."""
-    a = torch.rand(size, size, device=device)
+def matmul_peak(
+    device: torch.device, size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32
+) -> float:
+    """Achieved matmul GFLOP/s in ``dtype``, the ceiling convolutions are compared against."""
+    a = torch.rand(size, size, device=device, dtype=dtype)
     a @ a
     sync(device)
     start = time.perf_counter()

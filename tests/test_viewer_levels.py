@@ -21,6 +21,15 @@ def _reference_levels(volume: np.ndarray, levels: int, labels: bool) -> list[np.
     return out[1:]
 
 
+def _random_volume(path: Path, shape: tuple[int, int, int], seed: int) -> Path:
+    """A uint8 raw volume at 8 nm, chunked (1, 128, 128)."""
+    group = zarr.open_group(str(path), mode="w")
+    group.attrs["voxel_size_nm"] = [8, 8, 8]
+    raw = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    group.create_array("raw", data=raw, chunks=(1, 128, 128))
+    return path
+
+
 @pytest.mark.parametrize("labels", [False, True])
 def test_levels_written_box_by_box_equal_the_whole_volume_halved(
     labels: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -48,13 +57,7 @@ def test_prediction_validates_as_ome_ngff_with_levels_and_labels(
     ckpt_path: Path, tmp_path: Path
 ) -> None:
     models = pytest.importorskip("ome_zarr_models.v05", reason="pip install ome-zarr-models")
-    rng = np.random.default_rng(1)
-    volume = tmp_path / "in.zarr"
-    group = zarr.open_group(str(volume), mode="w")
-    group.attrs["voxel_size_nm"] = [8, 8, 8]
-    group.create_array(
-        "raw", data=rng.integers(0, 256, (2, 600, 520), dtype=np.uint8), chunks=(1, 128, 128)
-    )
+    volume = _random_volume(tmp_path / "in.zarr", (2, 600, 520), seed=1)
     output = tmp_path / "pred.zarr"
     options = {"threshold": 0.5, "instances": True, "tile": 128, "overlap": 32, **FAST}
     predict_volume(ckpt_path, volume, output, **options)
@@ -90,13 +93,7 @@ def test_prediction_validates_as_ome_ngff_with_levels_and_labels(
 
 
 def test_probability_levels_are_means_and_can_be_left_out(ckpt_path: Path, tmp_path: Path) -> None:
-    rng = np.random.default_rng(2)
-    volume = tmp_path / "in.zarr"
-    group = zarr.open_group(str(volume), mode="w")
-    group.attrs["voxel_size_nm"] = [8, 8, 8]
-    group.create_array(
-        "raw", data=rng.integers(0, 256, (1, 320, 300), dtype=np.uint8), chunks=(1, 128, 128)
-    )
+    volume = _random_volume(tmp_path / "in.zarr", (1, 320, 300), seed=2)
     options = {"tile": 128, "overlap": 32, **FAST}
     root = zarr.open_group(str(predict_volume(ckpt_path, volume, tmp_path / "a.zarr", **options)))
     np.testing.assert_array_equal(root["nuclei_s1"][...], halve(root["nuclei"][...], False))

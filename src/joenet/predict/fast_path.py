@@ -67,7 +67,7 @@ class FixedShapeCompiled(nn.Module):
         self.compiled: Callable[[Tensor], Tensor] | None = torch.compile(
             net, dynamic=False, options={"freezing": True}
         )
-        self._checked = False
+        self._compiled_once = False
 
     def forward(self, x: Tensor) -> Tensor:
         if self.compiled is None or x.shape[1:] != self.shape[1:] or x.shape[0] > self.shape[0]:
@@ -75,19 +75,21 @@ class FixedShapeCompiled(nn.Module):
         batch = x.shape[0]
         if batch < self.shape[0]:  # pad the last batch rather than compile a second shape
             x = torch.cat([x, x.new_zeros((self.shape[0] - batch, *x.shape[1:]))])
-        if self._checked:
-            return self.compiled(x)[:batch]
-        try:  # the first call compiles: inductor needs a C++ compiler, which may be missing
+        try:
             out = self.compiled(x)[:batch]
-        except Exception as err:  # any compile failure: predict eagerly instead
+        except Exception as err:
+            if self._compiled_once:  # a later failure is not the compiler's: let it be seen
+                raise
+            # The first call compiles: inductor needs a C++ compiler, which may be missing.
+            first_line = str(err).splitlines()[0][:200] if str(err) else ""
             log.warning(
                 "torch.compile failed (%s: %s); predicting without it (compile=false skips it)",
                 type(err).__name__,
-                str(err).splitlines()[0][:200] if str(err) else "",
+                first_line,
             )
             self.compiled = None
             return self.net(x[:batch])
-        self._checked = True
+        self._compiled_once = True
         return out
 
 

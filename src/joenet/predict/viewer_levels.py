@@ -22,17 +22,15 @@ so the copies compress to little (docs/viewing.md gives the measured size).
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import numpy as np
 import zarr
 
-if TYPE_CHECKING:
-    from joenet.predict.work_units import BlockJob
-    from joenet.predict.writer import CompletionRecord
+from joenet.predict.work_units import BlockJob
+from joenet.predict.writer import CompletionRecord, multiscale_entry
+from joenet.volume.components import chunk_boxes
 
 MIN_SIDE = 256
 _LEVELS_RECORD = "viewer_levels_z_ranges"  # z ranges whose levels and label images are done
@@ -60,21 +58,6 @@ def halve(block: np.ndarray, labels: bool) -> np.ndarray:
     return np.rint(means).astype(block.dtype)
 
 
-def _boxes(
-    shape: Sequence[int], chunks: Sequence[int], z_range: tuple[int, int], step: int
-) -> Iterator[tuple[slice, slice, slice]]:
-    """Full-resolution boxes: whole z chunks of ``z_range``, ``step`` px in y and x."""
-    z_first = z_range[0] // chunks[0] * chunks[0]
-    for z0, y0, x0 in itertools.product(
-        range(z_first, z_range[1], chunks[0]), range(0, shape[1], step), range(0, shape[2], step)
-    ):
-        yield (
-            slice(z0, min(z0 + chunks[0], shape[0])),
-            slice(y0, min(y0 + step, shape[1])),
-            slice(x0, min(x0 + step, shape[2])),
-        )
-
-
 def write_levels(
     source: zarr.Array, targets: Sequence[zarr.Array], labels: bool, z_range: tuple[int, int]
 ) -> None:
@@ -87,7 +70,7 @@ def write_levels(
     copy = targets[0].shape == source.shape
     levels = len(targets) - copy
     step = max(_BOX, source.chunks[1], source.chunks[2]) // 2**levels * 2**levels or 2**levels
-    for box in _boxes(source.shape, source.chunks, z_range, step):
+    for box in chunk_boxes(source.shape, (source.chunks[0], step, step), z_range):
         data = np.asarray(source[box])
         if copy:
             targets[0][box] = data
@@ -96,32 +79,6 @@ def write_levels(
             factor = 2**level
             y0, x0 = box[1].start // factor, box[2].start // factor
             target[box[0], y0 : y0 + data.shape[1], x0 : x0 + data.shape[2]] = data
-
-
-def multiscale_entry(
-    name: str, paths: Sequence[str], voxel_size_nm: Sequence[float] | None
-) -> dict:
-    """An NGFF multiscale entry whose level ``k`` (``paths[k]``) is halved ``k`` times in y, x.
-
-    Level ``k``'s voxel centres sit at ``(2**k - 1) / 2`` full-resolution voxels from level 0's,
-    so every level covers the same physical box.
-    """
-    unit = {"unit": "nanometer"} if voxel_size_nm else {}
-    voxel = [float(v) for v in voxel_size_nm] if voxel_size_nm else [1.0, 1.0, 1.0]
-    datasets = []
-    for level, path in enumerate(paths):
-        factor = 2**level
-        scale = [voxel[0], voxel[1] * factor, voxel[2] * factor]
-        transforms: list[dict] = [{"type": "scale", "scale": scale}]
-        if level:
-            shift = [0.0, voxel[1] * (factor - 1) / 2, voxel[2] * (factor - 1) / 2]
-            transforms.append({"type": "translation", "translation": shift})
-        datasets.append({"path": path, "coordinateTransformations": transforms})
-    return {
-        "name": name,
-        "axes": [{"name": axis, "type": "space", **unit} for axis in "zyx"],
-        "datasets": datasets,
-    }
 
 
 def _array(group: zarr.Group, path: str, like: zarr.Array, shape: tuple[int, ...]) -> zarr.Array:

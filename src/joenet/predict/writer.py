@@ -34,21 +34,35 @@ _LABELS_GROUP = "labels"  # NGFF label images (predict/viewer_levels.py)
 _ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray", ".zattrs")
 
 
+def multiscale_entry(
+    name: str, paths: Sequence[str], voxel_size_nm: Sequence[float] | None
+) -> dict:
+    """An NGFF multiscale entry whose level ``k`` (``paths[k]``) is halved ``k`` times in y, x.
+
+    Level ``k``'s voxel centres sit at ``(2**k - 1) / 2`` full-resolution voxels from level 0's,
+    so every level covers the same physical box.
+    """
+    unit = {"unit": "nanometer"} if voxel_size_nm else {}
+    voxel = [float(v) for v in voxel_size_nm] if voxel_size_nm else [1.0, 1.0, 1.0]
+    datasets = []
+    for level, path in enumerate(paths):
+        factor = 2**level
+        scale = [voxel[0], voxel[1] * factor, voxel[2] * factor]
+        transforms: list[dict] = [{"type": "scale", "scale": scale}]
+        if level:
+            shift = [0.0, voxel[1] * (factor - 1) / 2, voxel[2] * (factor - 1) / 2]
+            transforms.append({"type": "translation", "translation": shift})
+        datasets.append({"path": path, "coordinateTransformations": transforms})
+    return {
+        "name": name,
+        "axes": [{"name": axis, "type": "space", **unit} for axis in "zyx"],
+        "datasets": datasets,
+    }
+
+
 def ngff_multiscales(names: Sequence[str], voxel_size_nm: Sequence[float] | None) -> list[dict]:
     """One multiscale entry per array, each with a single full-resolution dataset."""
-    unit = {"unit": "nanometer"} if voxel_size_nm else {}
-    scale = [float(v) for v in voxel_size_nm] if voxel_size_nm else [1.0, 1.0, 1.0]
-    axes = [{"name": axis, "type": "space", **unit} for axis in "zyx"]
-    return [
-        {
-            "name": name,
-            "axes": axes,
-            "datasets": [
-                {"path": name, "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-            ],
-        }
-        for name in names
-    ]
+    return [multiscale_entry(name, [name], voxel_size_nm) for name in names]
 
 
 class OutputError(ValueError):

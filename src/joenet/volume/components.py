@@ -13,7 +13,7 @@ either executor. The passes (as dask-image's):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -23,9 +23,10 @@ from scipy.sparse.csgraph import connected_components
 ChunkBox = tuple[slice, slice, slice]
 
 
-def _chunk_boxes(
-    shape: tuple[int, ...], chunks: tuple[int, ...], z_range: tuple[int, int]
+def chunk_boxes(
+    shape: Sequence[int], chunks: Sequence[int], z_range: tuple[int, int]
 ) -> Iterator[ChunkBox]:
+    """Boxes of ``chunks`` tiling ``shape`` over the whole z chunks that hold ``z_range``."""
     z_first = z_range[0] // chunks[0] * chunks[0]
     starts = [
         range(z_first, z_range[1], chunks[0]),
@@ -68,7 +69,7 @@ def label_instances(
     Returns:
         The number of components.
     """
-    boxes = list(_chunk_boxes(labels.shape, labels.chunks, z_range))
+    boxes = list(chunk_boxes(labels.shape, labels.chunks, z_range))
     offset = 0
     for box in boxes:  # pass 1: provisional ids, unique over the volume
         mask = np.asarray(mask_source[box]) >= cut
