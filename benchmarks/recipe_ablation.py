@@ -100,6 +100,19 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     ),
     "recipe_lr1e-3": ("default with lr 1e-3", ["model.lr=1e-3"]),
     "recipe_lr3e-3": ("default with lr 3e-3", ["model.lr=3e-3"]),
+    "recipe_narrow16": (
+        "default with 16 channels at the finest level (16-32-64-128-256)",
+        ["model.net.channels=[16,32,64,128,256]"],
+    ),
+    "recipe_narrow16_6": (
+        "default with 6 levels 16-32-64-128-256-256",
+        ["model.net.channels=[16,32,64,128,256,256]"],
+    ),
+    "recipe_fg0.1": (
+        "default with a tenth of the windows centred on a mitochondrion",
+        ["data.foreground_fraction=0.1"],
+    ),
+    "recipe_ema0.99": ("default with EMA decay 0.99", ["callbacks.ema.decay=0.99"]),
     "recipe_fg0": (
         "default with uniform windows (no foreground centring)",
         ["data.foreground_fraction=0.0"],
