@@ -180,6 +180,7 @@ def flops_by_part(size: int = 128) -> str:
     nets = {
         "joenet 32-64-128-256": UNet2d(),
         "joenet 32-32-64-128-256": UNet2d(channels=(32, 32, 64, 128, 256)),
+        "joenet 16-32-64-128-256 (default)": UNet2d(channels=(16, 32, 64, 128, 256)),
         "MONAI BasicUNet": BasicUNet(
             spatial_dims=2, in_channels=1, out_channels=2, features=(32, 32, 64, 128, 256, 32)
         ),

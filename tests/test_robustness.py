@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from joenet.checkpoint import AtomicCheckpointIO
+from joenet.checkpoint_io import AtomicCheckpointIO
 from joenet.lit_module import SegmentationLitModule
 from joenet.predict import predict_volume
 from joenet.train import train

@@ -1,8 +1,11 @@
 """joenet's checkpoints: written atomically in training, read once (safely) everywhere else.
 
-``AtomicCheckpointIO`` is the trainer's checkpoint plugin; ``read_checkpoint`` is the one place
-a checkpoint file is opened outside Lightning's resume (``weights_only=True``, errors that name
-the file); ``load_model`` rebuilds the network and its data conventions for prediction.
+``read_checkpoint`` is the one place a checkpoint file is opened outside Lightning's resume
+(``weights_only=True``, errors that name the file); ``load_model`` rebuilds the network and its
+data conventions for prediction and export. Neither imports Lightning (~5 s of every prediction
+CLI's start): the network is built from the checkpoint's hyperparameters directly. The trainer's
+checkpoint plugin lives in :mod:`joenet.checkpoint_io` (``joenet.checkpoint.AtomicCheckpointIO``
+still names it).
 """
 
 from __future__ import annotations
@@ -11,24 +14,29 @@ import hashlib
 import os
 import pickle
 import re
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from joenet.model import DEFAULT_CLASS_NAMES, UNet2d, build_network
+
 _CACHE: dict[tuple[str, str], LoadedModel] = {}
+# Lightning stores a data module's state_dict under its class's qualified name
+# (``EMDataModule.__qualname__``, tested): spelled out so that loading needs no Lightning.
+DATA_STATE_KEY = "EMDataModule"
 
 
-def _data_state_key() -> str:
-    # Lightning stores a data module's state_dict under its class's qualified name.
-    from joenet.data.datamodule import EMDataModule
+def __getattr__(name: str) -> Any:
+    # Configs written before joenet.checkpoint_io existed name the plugin here.
+    if name == "AtomicCheckpointIO":
+        from joenet.checkpoint_io import AtomicCheckpointIO
 
-    return EMDataModule.__qualname__
+        return AtomicCheckpointIO
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_checkpoint(
@@ -119,9 +127,9 @@ def resolve_device(device: str) -> torch.device:
 def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the network of a joenet checkpoint and read its data module's state.
 
-    The file is read once: the module is built from its hyperparameters (plain values, see
-    ``SegmentationLitModule``) and given its ``state_dict`` (the EMA weights, when training
-    averaged them).
+    The file is read once: the network is built from its hyperparameters (the plain values
+    ``SegmentationLitModule`` saved) and given the network's part of its ``state_dict`` (the
+    EMA weights, when training averaged them).
 
     Args:
         ckpt_path: a ``.ckpt`` written by ``python -m joenet.train``.
@@ -129,17 +137,18 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> Loa
 
     Raises:
         FileNotFoundError: no file at ``ckpt_path``.
-        ValueError: not a joenet checkpoint, or a normalisation this joenet does not know.
+        ValueError: not a joenet checkpoint, weights that do not fit its own network, or a
+            normalisation this joenet does not know.
     """
-    from joenet.lit_module import SegmentationLitModule  # Lightning import: only when loading
-
     path = Path(ckpt_path)
     checkpoint = read_checkpoint(path)
     device = torch.device(device)
-    module = SegmentationLitModule(**checkpoint.get("hyper_parameters", {}))
-    module.load_state_dict(checkpoint["state_dict"])
-    net = module.net.to(device).eval()
-    state_key = _data_state_key()
+    hparams = checkpoint.get("hyper_parameters", {})
+    class_names = list(hparams.get("class_names") or DEFAULT_CLASS_NAMES)
+    net = build_network(class_names, hparams.get("net"))
+    load_network_weights(net, checkpoint, f"ckpt_path={path}", dict(hparams.get("net") or {}))
+    net = net.to(device).eval()
+    state_key = DATA_STATE_KEY
     data_state = checkpoint.get(state_key)
     if data_state is None:
         warnings.warn(
@@ -157,13 +166,41 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> Loa
     voxel_size = data_state.get("voxel_size_nm")
     return LoadedModel(
         net=net,
-        class_names=list(data_state.get("class_names") or module.hparams.class_names),
+        class_names=list(data_state.get("class_names") or class_names),
         voxel_size_nm=[float(v) for v in voxel_size] if voxel_size else None,
         normalization=normalization,
         receptive_field=net.receptive_field(),
         divisor=net.divisor,
         device=device,
     )
+
+
+def load_network_weights(
+    net: UNet2d, checkpoint: dict[str, Any], source: str, configured: dict[str, Any]
+) -> None:
+    """Give ``net`` the network's part (``net.*``) of a training checkpoint's state dict.
+
+    Args:
+        net: the network to load into.
+        checkpoint: the checkpoint as :func:`read_checkpoint` returns it.
+        source: the config key and file, for the error (``ckpt_path=...``).
+        configured: the ``model.net`` options ``net`` was built with, for the error.
+
+    Raises:
+        ValueError: one line naming the file and both network configs, instead of torch's
+            list of every mismatching tensor.
+    """
+    state = checkpoint["state_dict"]
+    weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = str(err).splitlines()[1:3] or [str(err)]
+        raise ValueError(
+            f"{source}: its weights do not fit model.net={configured} "
+            f"(trained with net={checkpoint.get('hyper_parameters', {}).get('net')}): "
+            + " ".join(line.strip() for line in detail)
+        ) from None
 
 
 def weights_fingerprint(net: nn.Module) -> str:
@@ -187,36 +224,3 @@ def cached_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> L
     if key not in _CACHE:
         _CACHE[key] = load_model(ckpt_path, device)
     return _CACHE[key]
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Save to a temporary file beside the target, fsync it, then rename it over the target.
-
-    A kill during a save (e.g. ``kill -9`` on a shared cluster) leaves the previous ``last.ckpt``
-    intact. Lightning's own save goes through an fsspec transaction, which stages the file in the
-    system temp dir and *copies* it over when that is another filesystem: not atomic. The
-    temporary name avoids "last", which ``ckpt_path=last`` looks for.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
-    ) -> None:
-        if "://" in str(path):  # object stores write whole objects: already all or nothing
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.parent / f".partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(partial, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # make the rename itself durable
-        finally:
-            os.close(directory)

@@ -12,10 +12,10 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from joenet.checkpoint import read_checkpoint
+from joenet.checkpoint import load_network_weights, read_checkpoint
 from joenet.losses import BCEDiceLoss, deep_supervision_loss
 from joenet.metrics import SegmentationMetrics
-from joenet.model import UNet2d
+from joenet.model import DEFAULT_CLASS_NAMES, build_network
 from joenet.schedules import WarmupCosine
 
 
@@ -57,7 +57,7 @@ class SegmentationLitModule(L.LightningModule):
 
     def __init__(
         self,
-        class_names: Sequence[str] = ("nuclei", "mito"),
+        class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
         net: Mapping[str, Any] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -99,7 +99,7 @@ class SegmentationLitModule(L.LightningModule):
             )
         class_names, net = list(class_names), dict(net or {})  # plain values for the checkpoint
         self.save_hyperparameters()
-        self.net = UNet2d(in_channels=1, out_channels=len(class_names), **net)
+        self.net = build_network(class_names, net)
         self.criterion = BCEDiceLoss(bce_weight=bce_weight, dice_weight=dice_weight)
         self.train_metrics = SegmentationMetrics(class_names, threshold)
         self.val_metrics = SegmentationMetrics(class_names, threshold)
@@ -129,18 +129,8 @@ class SegmentationLitModule(L.LightningModule):
         path = self._trainer.ckpt_path if self._trainer else "the checkpoint"
         self._load_net_weights(checkpoint, f"ckpt_path={path}")
 
-    def _load_net_weights(self, checkpoint: Mapping[str, Any], source: str) -> None:
-        state = checkpoint["state_dict"]
-        weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
-        try:
-            self.net.load_state_dict(weights)
-        except RuntimeError as err:
-            detail = str(err).splitlines()[1:3] or [str(err)]
-            raise ValueError(
-                f"{source}: its weights do not fit model.net={dict(self.hparams.net)} "
-                f"(trained with net={checkpoint.get('hyper_parameters', {}).get('net')}): "
-                + " ".join(line.strip() for line in detail)
-            ) from None
+    def _load_net_weights(self, checkpoint: dict[str, Any], source: str) -> None:
+        load_network_weights(self.net, checkpoint, source, dict(self.hparams.net))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.contiguous(memory_format=self._memory_format))

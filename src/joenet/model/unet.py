@@ -7,7 +7,7 @@ that concatenates the encoder skips, and a 1x1 head producing one logit channel 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, get_args
 
 import torch
@@ -286,3 +286,20 @@ class UNet2d(nn.Module):
             if aux and self.aux_heads is not None and 1 <= level <= len(self.aux_heads):
                 aux_logits.insert(0, self.aux_heads[level - 1](x))
         return self.head(x), aux_logits  # (B, out_channels, H, W)
+
+
+# The seed's output channels, in order: one sigmoid channel per class.
+DEFAULT_CLASS_NAMES = ("nuclei", "mito")
+
+
+def build_network(
+    class_names: Sequence[str] | None = None, net: Mapping[str, Any] | None = None
+) -> UNet2d:
+    """The network a training run builds: one input channel, one output per class.
+
+    Args:
+        class_names: the classes, in channel order (``model.class_names``); None: the seed's.
+        net: keyword arguments of :class:`UNet2d` (``model.net``).
+    """
+    names = list(class_names or DEFAULT_CLASS_NAMES)
+    return UNet2d(in_channels=1, out_channels=len(names), **dict(net or {}))
