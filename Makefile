@@ -35,8 +35,13 @@ install: $(DEV_STAMP) ## Create .venv and install joenet (editable) with its dev
 train: $(STAMP) ## Train on the synthetic volume (CPU demo preset when there is no CUDA GPU)
 	$(PY) -m joenet.train $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else 'preset=cpu_demo')") $(ARGS)
 
+# Test processes (pytest-xdist): most of a test's time is single-threaded (imports, subprocess
+# start-up), so two processes fill CI's 2 cores; tests/conftest.py splits torch's threads among
+# them. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+
 test: $(DEV_STAMP) lint ## Lint, then run the whole test suite (what CI runs)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(ARGS)
 
 lint: $(DEV_STAMP) ## ruff lint and format check, mypy over src (settings: pyproject.toml)
 	$(VENV)/bin/ruff check src tests benchmarks

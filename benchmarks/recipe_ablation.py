@@ -86,7 +86,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
         "+ BasicUNet's widths 32-32-64-128-256 (5 levels, fewer FLOPs)",
         [*STEM, "model.net.channels=[32,32,64,128,256]"],
     ),
-    "recipe": ("joenet's default recipe (stem + narrow + lr 2e-3 with warm-up + EMA)", []),
+    "recipe": ("joenet's default recipe as it is (README, the default recipe)", []),
     "recipe_instance": ("default with InstanceNorm (BasicUNet's)", ["model.net.norm=instance"]),
     "recipe_leaky": ("default with LeakyReLU (BasicUNet's)", ["model.net.activation=leaky_relu"]),
     "recipe_maxpool": ("default with max-pool down (BasicUNet's)", ["model.net.down=maxpool"]),

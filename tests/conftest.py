@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from joenet.config import register_resolvers
@@ -12,6 +14,13 @@ from joenet.synthetic import generate_synthetic_volume
 from tests.helpers import TINY_SHAPE, compose_train, tiny_overrides, train_tiny_checkpoint
 
 register_resolvers()
+
+# Under pytest-xdist, each test process gets its share of the cores, and so do the subprocesses
+# its tests start (OMP_NUM_THREADS): oversubscribed OpenMP threads spin and slow every test.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ def test_loaded_network_is_the_lightning_modules(ckpt_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded.net(x), module.net.eval()(x))
     assert repr(loaded.net) == repr(module.net)
-    assert DATA_STATE_KEY == EMDataModule.__qualname__ and DATA_STATE_KEY in checkpoint
+    assert EMDataModule.__qualname__ == DATA_STATE_KEY and DATA_STATE_KEY in checkpoint
     assert loaded.class_names == checkpoint[DATA_STATE_KEY]["class_names"]
 
 

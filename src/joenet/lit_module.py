@@ -139,7 +139,7 @@ class SegmentationLitModule(L.LightningModule):
         self, batch: dict[str, Tensor], metrics: SegmentationMetrics, aux: bool = False
     ) -> Tensor:
         aux_logits: list[Tensor] = []
-        if aux and self.net.aux_heads:
+        if aux and getattr(self.net, "aux_heads", None):  # a peer network in benchmarks has none
             # Deep supervision, in training only (its path is not the compiled forward).
             image = batch["image"].contiguous(memory_format=self._memory_format)
             logits, aux_logits = self.net.forward_with_aux(image)
