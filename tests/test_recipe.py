@@ -159,3 +159,19 @@ def test_default_recipe_learns(tmp_path: Path) -> None:
     ]
     after = train(cfg)["val/dice"]
     assert after > max(0.5, before + 0.25), (before, after)
+
+
+def test_a_peer_network_trains_in_joenets_module() -> None:
+    # benchmarks/time_to_accuracy.py puts MONAI's and torch-em's networks in place of UNet2d:
+    # the training step must not assume UNet2d's attributes (deep supervision's aux_heads).
+    module = SegmentationLitModule(net={"channels": [4, 8]})
+    module.net = torch.nn.Conv2d(1, 2, 3, padding=1)
+    batch = {
+        "image": torch.rand(2, 1, 16, 16),
+        "target": (torch.rand(2, 2, 16, 16) > 0.5).float(),
+        "valid": torch.ones(2, 1, 16, 16),
+        "labelled": torch.ones(2, 2, dtype=torch.bool),
+    }
+    loss = module._shared_step(batch, module.train_metrics, aux=True)
+    loss.backward()
+    assert torch.isfinite(loss) and module.net.weight.grad.abs().sum() > 0
