@@ -103,7 +103,7 @@ SEED_EXPERIMENTS = {
     "grad_accumulation": {"trainer.accumulate_grad_batches": 4, "data.batch_size": 1},
     "strong_augmentation": {"data.augment.elastic": True, "data.augment.noise": True},
     "em_defects": {"data.augment.defects": 0.33},
-    "seed_literal": {"model.net.input_norm": True, "model.lr": 1e-3},
+    "seed_literal": {"model.net.input_norm": True, "model.warmup": 0.0},
 }
 
 
