@@ -145,14 +145,14 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> Loa
     device = torch.device(device)
     hparams = checkpoint.get("hyper_parameters", {})
     class_names = list(hparams.get("class_names") or DEFAULT_CLASS_NAMES)
-    net = build_network(class_names, hparams.get("net"))
-    load_network_weights(net, checkpoint, f"ckpt_path={path}", dict(hparams.get("net") or {}))
+    net_options = dict(hparams.get("net") or {})
+    net = build_network(class_names, net_options)
+    load_network_weights(net, checkpoint, f"ckpt_path={path}", net_options)
     net = net.to(device).eval()
-    state_key = DATA_STATE_KEY
-    data_state = checkpoint.get(state_key)
+    data_state = checkpoint.get(DATA_STATE_KEY)
     if data_state is None:
         warnings.warn(
-            f"{path}: no '{state_key}' state in the checkpoint; assuming the model's "
+            f"{path}: no '{DATA_STATE_KEY}' state in the checkpoint; assuming the model's "
             "class names, dtype-range normalisation (uint8 / 255) and an unknown voxel size",
             stacklevel=2,
         )
