@@ -20,6 +20,15 @@ Only training time counts: every ``--eval-every`` seconds of training, the clock
 whole 768 x 1024 slices) with the weights validation would use (the EMA's when on). At the end
 each model is measured on all 33 validation slices. Written by this one run: ``<out>.csv`` (the
 curves, after each model), ``<out>.png`` and ``<out>.md`` (the table, also on stdout).
+
+``--diagnose`` adds columns that say why a curve falls, measured at the same points on the same
+slices: ``raw_iou`` (the live weights, not the EMA's), ``train_iou`` (every 26th *training* slice,
+z 0-130: a widening gap to ``val_iou`` is overfitting), ``batchstat_iou`` (BatchNorm normalising
+each slice by its own statistics instead of the running ones: a gain says the running statistics,
+gathered on 128 px windows a third of which are centred on a mitochondrion, do not fit whole
+slices), ``recal_iou`` (running statistics re-estimated on the training slices, eval mode) and
+``best_threshold`` / ``best_threshold_iou`` (the probability threshold that would have scored best:
+a drift away from 0.5 is calibration).
 """
 
 from __future__ import annotations
@@ -51,13 +60,16 @@ PLAIN_RECIPE = [
     "model.warmup=0.0",
     "model.scheduler=cosine",
 ]  # and no EMA callback
+CURVE_FIELDS = ["model", "train_s", "patches", "val_iou"]
 
 
-def load_validation(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validation images in [0, 1] (S, 1, H, W) and mito masks (S, H, W), as the training reads."""
+def load_validation(
+    path: Path, z: tuple[int, int] = VAL_Z, step: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [0, 1] (S, 1, H, W) and mito masks (S, H, W) of z [start, stop) every ``step``."""
     group = zarr.open_group(str(path), mode="r")
-    raw = np.asarray(group["raw"][VAL_Z[0] : VAL_Z[1]], dtype=np.float32) / 255.0
-    mito = np.asarray(group["labels/mito"][VAL_Z[0] : VAL_Z[1]]) > 0
+    raw = np.asarray(group["raw"][z[0] : z[1] : step], dtype=np.float32) / 255.0
+    mito = np.asarray(group["labels/mito"][z[0] : z[1] : step]) > 0
     return torch.from_numpy(raw)[:, None], torch.from_numpy(mito)
 
 
@@ -73,6 +85,60 @@ def mito_iou(net: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float
         union += int((predicted | mask).sum())
     net.train(was_training)
     return intersection / max(union, 1)
+
+
+@torch.inference_mode()
+def mito_logits(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Mito logits (S, H, W) of each slice, the network in its current mode."""
+    return torch.stack([net(image[None])[0, 1] for image in images])
+
+
+def threshold_sweep(logits: torch.Tensor, masks: torch.Tensor) -> tuple[float, float]:
+    """The probability threshold (0.1-0.9) with the best IoU, and that IoU."""
+    best = (0.5, -1.0)
+    for threshold in np.arange(0.1, 0.91, 0.1):
+        predicted = logits > float(np.log(threshold / (1 - threshold)))
+        iou = int((predicted & masks).sum()) / max(int((predicted | masks).sum()), 1)
+        best = max(best, (round(float(threshold), 1), iou), key=lambda t: t[1])
+    return best
+
+
+def diagnose(net: nn.Module, val: tuple, train: tuple) -> dict[str, float]:
+    """What the ``--diagnose`` columns measure for one network (see the module docstring)."""
+    import copy
+
+    was_training = net.training
+    logits = mito_logits(net.eval(), val[0])
+    net.train(was_training)
+    threshold, threshold_iou = threshold_sweep(logits, val[1])
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    row = {
+        "train_iou": mito_iou(net, *train),
+        "best_threshold": threshold,
+        "best_threshold_iou": threshold_iou,
+    }
+    if norms:
+        per_slice = copy.deepcopy(net).eval()
+        for module in per_slice.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train()  # each forward normalises by its own slice's statistics
+        row["batchstat_iou"] = mito_iou_in_mode(per_slice, *val)
+        recalibrated = copy.deepcopy(net)
+        for module in recalibrated.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None  # a cumulative average over the slices below
+        recalibrated.train()
+        mito_logits(recalibrated, train[0])
+        row["recal_iou"] = mito_iou(recalibrated, *val)
+    return {k: round(v, 4) for k, v in row.items()}
+
+
+@torch.inference_mode()
+def mito_iou_in_mode(net: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float:
+    """:func:`mito_iou` without switching the network to eval mode first."""
+    predicted = mito_logits(net, images) > 0
+    return int((predicted & masks).sum()) / max(int((predicted | masks).sum()), 1)
 
 
 def peers() -> dict[str, Callable[[], nn.Module]]:
@@ -104,8 +170,14 @@ def peers() -> dict[str, Callable[[], nn.Module]]:
 class EvaluateWithClockStopped(L.Callback):
     """Every ``every`` seconds of training, measure mito IoU with the ``Timer`` paused."""
 
-    def __init__(self, name: str, every: float, val: tuple[torch.Tensor, torch.Tensor]):
-        self.name, self.every, self.val = name, every, val
+    def __init__(
+        self,
+        name: str,
+        every: float,
+        val: tuple[torch.Tensor, torch.Tensor],
+        train: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        self.name, self.every, self.val, self.train = name, every, val, train
         self.curve: list[dict[str, Any]] = []
         self.patches = 0
         self.next_eval = every
@@ -119,16 +191,20 @@ class EvaluateWithClockStopped(L.Callback):
         ema = next((c for c in trainer.callbacks if hasattr(c, "_average_model")), None)
         net = ema._average_model.module.net if ema and ema._average_model else pl_module.net
         iou = mito_iou(net, *self.val)
-        self.curve.append(
-            {
-                "model": self.name,
-                "train_s": round(elapsed, 1),
-                "patches": self.patches,
-                "val_iou": round(iou, 4),
-            }
-        )
+        row = {
+            "model": self.name,
+            "train_s": round(elapsed, 1),
+            "patches": self.patches,
+            "val_iou": round(iou, 4),
+        }
+        if self.train is not None:
+            row["raw_iou"] = round(mito_iou(pl_module.net, *self.val), 4)
+            row.update(diagnose(net, self.val, self.train))
+        self.curve.append(row)
+        extra = "".join(f", {k} {v}" for k, v in row.items() if k not in CURVE_FIELDS)
         print(
-            f"{self.name}: {elapsed / 60:5.1f} min, {self.patches} patches, val mito IoU {iou:.3f}",
+            f"{self.name}: {elapsed / 60:5.1f} min, {self.patches} patches, "
+            f"val mito IoU {iou:.3f}{extra}",
             flush=True,
         )
         # The clock does not run while evaluating: move the Timer's start by the pause.
@@ -152,6 +228,7 @@ def train_one(
     make_net: Callable[[], nn.Module] | None,
     args: Any,
     quick: tuple[torch.Tensor, torch.Tensor],
+    train_slices: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[list[dict[str, Any]], nn.Module]:
     """Train through joenet's path for the budget; the curve and the final network.
 
@@ -187,7 +264,7 @@ def train_one(
         module = instantiate(cfg.model)
         if make_net is not None:
             module.net = make_net()
-        clock = EvaluateWithClockStopped(name, args.eval_every, quick)
+        clock = EvaluateWithClockStopped(name, args.eval_every, quick, train_slices)
         callbacks = [*_instantiate_all(cfg.get("callbacks")), clock]
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
         trainer.fit(module, datamodule=data)
@@ -238,6 +315,9 @@ def main() -> None:
     parser.add_argument(
         "--joenet", nargs="*", default=[], help="extra Hydra overrides of joenet's run (a variant)"
     )
+    parser.add_argument(
+        "--diagnose", action="store_true", help="also the columns that say why a curve falls"
+    )
     args = parser.parse_args()
     if not (args.data / "raw").exists():
         print(f"skipped: {args.data} not found (the Lucchi volume of ../shared/data; see --data)")
@@ -249,6 +329,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
     val = load_validation(args.data)
     quick = (val[0][::8], val[1][::8])
+    train_slices = load_validation(args.data, TRAIN_Z, step=26) if args.diagnose else None
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; {args.minutes:g} min each"
@@ -263,11 +344,12 @@ def main() -> None:
         if name not in runs:
             continue
         overrides, make = runs[name]
-        curves[name], net = train_one(name, overrides, make, args, quick)
+        curves[name], net = train_one(name, overrides, make, args, quick, train_slices)
         final[name] = mito_iou(net, *val)
         print(f"{name}: final IoU on all 33 validation slices {final[name]:.3f}", flush=True)
         with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["model", "train_s", "patches", "val_iou"])
+            fields = list(dict.fromkeys(k for curve in curves.values() for r in curve for k in r))
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             for curve in curves.values():
                 writer.writerows(curve)

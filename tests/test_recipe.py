@@ -175,3 +175,39 @@ def test_a_peer_network_trains_in_joenets_module() -> None:
     loss = module._shared_step(batch, module.train_metrics, aux=True)
     loss.backward()
     assert torch.isfinite(loss) and module.net.weight.grad.abs().sum() > 0
+
+
+def test_time_to_accuracy_diagnosis_measures_without_touching_the_network() -> None:
+    # benchmarks/time_to_accuracy.py --diagnose: its columns must not change what training sees
+    # (mode, BatchNorm statistics) and its threshold sweep must find a threshold that is better.
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from time_to_accuracy import diagnose, threshold_sweep
+
+    masks = torch.zeros(1, 8, 8, dtype=torch.bool)
+    masks[0, :4] = True
+    logits = torch.full((1, 8, 8), -3.0)
+    logits[0, :4] = 1.0  # p = 0.73 on the mask
+    logits[0, 4:6] = 0.5  # p = 0.62 beside it: only a threshold above 0.62 drops these
+    threshold, iou = threshold_sweep(logits, masks)
+    assert threshold == 0.7 and iou == 1.0
+
+    torch.manual_seed(0)
+    net = UNet2d(channels=[4, 8]).train()
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [n.running_mean.clone() for n in norms]
+    images = torch.rand(2, 1, 32, 32)
+    row = diagnose(
+        net, (images, masks.expand(2, 8, 8).repeat(1, 4, 4)), (images, images[:, 0] > 0.5)
+    )
+    assert net.training
+    assert all(torch.equal(b, n.running_mean) for b, n in zip(before, norms, strict=True))
+    assert set(row) == {
+        "train_iou",
+        "best_threshold",
+        "best_threshold_iou",
+        "batchstat_iou",
+        "recal_iou",
+    }
+    assert all(0.0 <= v <= 1.0 for v in row.values())
