@@ -18,7 +18,8 @@ from joenet.predict.fast_path import (
     inference_network,
     resolve_compile,
 )
-from tests.test_predict import FAST, _random_bn_net
+from tests.test_predict import FAST
+from tests.test_tiling import _random_bn_net
 
 
 @pytest.fixture(autouse=True)

@@ -20,8 +20,6 @@ from joenet import checkpoint
 from joenet.model import UNet2d
 from joenet.predict import predict_volume
 from joenet.predict import work_units as block_ops
-from joenet.predict.input_image import InputImage
-from joenet.predict.tiling import PlanePredictor, plan_axis, tile_margin
 from joenet.volume import VolumeError
 from tests.helpers import TINY_SHAPE
 
@@ -124,50 +122,6 @@ def test_resume_after_kill_is_identical(
         predict_volume(ckpt_path, volume_path, output, z_range=[0, 4], tile=128, **FAST)
 
 
-def _random_bn_net() -> nn.Module:
-    """A random tiny UNet2d in eval mode with non-trivial BatchNorm statistics."""
-    generator = torch.Generator().manual_seed(0)
-    net = UNet2d(channels=(4, 8, 16, 32))
-    for module in net.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.3)
-            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-    return net.eval()
-
-
-@pytest.mark.parametrize("blending", ["gaussian", "constant"])
-def test_tiled_equals_whole_slice(blending: str) -> None:
-    size, tile, overlap = 320, 192, 128  # overlap >= receptive field (116): exact
-    net = _random_bn_net()
-    raw = zarr.create_array(
-        zarr.storage.MemoryStore(), shape=(1, size, size), dtype=np.uint8, chunks=(1, 160, 160)
-    )
-    yy, xx = np.mgrid[:size, :size]
-    raw[0] = (127 + 80 * np.sin(yy / 9.0) * np.cos(xx / 13.0) + 40 * np.sin(xx / 3.0)).astype(
-        np.uint8
-    )
-    source = InputImage(raw, leading=0, voxel_size_nm=None, where="memory")
-    unit = {"kind": "dtype_range"}
-    with torch.inference_mode():
-        image = torch.from_numpy(source.read(((0, 1), (0, size), (0, size)), unit))[:, None]
-        whole = net(image).sigmoid()[0].numpy()  # (C, H, W)
-    predictor = PlanePredictor(net, torch.device("cpu"), batch_size=4, blending=blending)
-    margin = tile_margin(overlap, net.receptive_field())
-    tiled = np.zeros_like(whole)
-    for lo_y, hi_y in ((0, 160), (160, 320)):  # four blocks, as the block loop reads them
-        for lo_x, hi_x in ((0, 160), (160, 320)):
-            ty = plan_axis(lo_y, hi_y, size, tile, overlap, margin)
-            tx = plan_axis(lo_x, hi_x, size, tile, overlap, margin)
-            assert all(origin % 16 == 0 for origin in ty.origins + tx.origins)
-            window = source.read(((0, 1), (ty.start, ty.stop), (tx.start, tx.stop)), unit)
-            probs = predictor.predict(window, ty, tx, (lo_y, hi_y), (lo_x, hi_x))
-            tiled[:, lo_y:hi_y, lo_x:hi_x] = probs[0]
-    inner = (slice(None), slice(64, size - 64), slice(64, size - 64))  # away from the border
-    assert np.abs(tiled[inner] - whole[inner]).max() < 1e-3
-    assert np.abs(tiled - whole).max() > 1e-3  # the border differs: reflection vs zero padding
-
-
 class _Pointwise(nn.Module):
     """A per-pixel model (logits = 20 (x - 0.5) for both classes): known output, any geometry."""
 
@@ -178,7 +132,12 @@ class _Pointwise(nn.Module):
 
 
 def _fake_checkpoint(
-    ckpt_path: Path, tmp_path: Path, net: nn.Module, normalization: dict | None = None
+    ckpt_path: Path,
+    tmp_path: Path,
+    net: nn.Module,
+    normalization: dict | None = None,
+    divisor: int = 8,
+    receptive_field: int = 1,
 ) -> Path:
     """A checkpoint path whose cached model is ``net`` (the file is a copy of a real one)."""
     fake = tmp_path / "fake.ckpt"
@@ -188,11 +147,30 @@ def _fake_checkpoint(
         class_names=["nuclei", "mito"],
         voxel_size_nm=[8.0, 8.0, 8.0],
         normalization=normalization or {"kind": "dtype_range"},
-        receptive_field=1,
-        divisor=8,
+        receptive_field=receptive_field,
+        divisor=divisor,
         device=torch.device("cpu"),
     )
     return fake
+
+
+def test_a_six_level_network_predicts_any_size(
+    ckpt_path: Path, volume_path: Path, tmp_path: Path
+) -> None:
+    # 48 x 40 px: a lone tile is rounded up to the 6-level network's 32 px grid, not to 16 px
+    # (which the network refuses); an overlap off that grid is one clear error.
+    source = zarr.open_group(str(volume_path), mode="r")["raw"]
+    crop = zarr.open_group(str(tmp_path / "crop.zarr"), mode="w")
+    crop.create_array("raw", data=source[:2, :48, :40], chunks=(1, 48, 40))
+    net = UNet2d(channels=(2, 4, 4, 4, 4, 4)).eval()
+    fake = _fake_checkpoint(
+        ckpt_path, tmp_path, net, divisor=net.divisor, receptive_field=net.receptive_field()
+    )
+    output = predict_volume(fake, tmp_path / "crop.zarr", tmp_path / "six.zarr", **FAST)
+    assert zarr.open_group(str(output), mode="r")["mito"].shape == (2, 48, 40)
+    with pytest.raises(ValueError, match="overlap must be a multiple of 32 px"):
+        predict_volume(fake, tmp_path / "crop.zarr", tmp_path / "o.zarr", overlap=48, **FAST)
+    assert not (tmp_path / "o.zarr").exists()  # refused before writing anything
 
 
 def test_tta_and_planes_invert_their_transforms(

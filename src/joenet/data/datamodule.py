@@ -25,7 +25,7 @@ _PARAMS_KEY = "augment_params"
 # object of a slice, few enough to hold for thousands of slices (48 kB per slice and class).
 _FOREGROUND_POINTS_PER_SLICE = 2000
 # Patch sides are multiples of this: the default 5-level network's divisor (UNet2d checks its
-# own) and prediction's tile step (joenet.predict.tiling.STEP).
+# own, 32 for 6 levels) and prediction's smallest tile step (joenet.predict.tiling.STEP).
 PATCH_MULTIPLE = 16
 
 

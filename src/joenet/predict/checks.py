@@ -48,12 +48,12 @@ def check_options(
         raise ValueError(f"block_size ({block_size}) must be at least tile ({tile})")
 
 
-def check_overlap(overlap: int, receptive_field: int) -> None:
+def check_overlap(overlap: int, receptive_field: int, step: int = STEP) -> None:
     if overlap < receptive_field // 2:
         warnings.warn(
             f"overlap={overlap} px is less than half the model's receptive field "
             f"({receptive_field} px): tiles use pixels with little context and seams may show; "
-            f"use overlap >= {_round_up(_round_up(receptive_field, 2) // 2, STEP)}",
+            f"use overlap >= {_round_up(_round_up(receptive_field, 2) // 2, step)}",
             stacklevel=3,
         )
     elif overlap < receptive_field:
@@ -62,7 +62,7 @@ def check_overlap(overlap: int, receptive_field: int) -> None:
             "tiled and whole-slice predictions equal",
             overlap,
             overlap // 2,
-            _round_up(receptive_field, STEP),
+            _round_up(receptive_field, step),
         )
 
 

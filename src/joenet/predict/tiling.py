@@ -1,14 +1,15 @@
 """Tiles over a plane, their blending weights, and batched tile prediction (with TTA).
 
-Why tiles step by multiples of 16: with BatchNorm in eval mode the U-Net is equivariant only to
-shifts that are multiples of its divisor (8), so a tile whose origin is a multiple of 16 computes
+Why tiles step by multiples of the network's divisor (16 for the default 5 levels, 32 for 6; at
+least 16, see :func:`tile_step`): with BatchNorm in eval mode the U-Net is equivariant only to
+shifts that are multiples of its divisor, so a tile whose origin is such a multiple computes
 exactly what a whole-slice prediction computes at the same pixels, wherever it sees the same
 context. A pixel has that context when it lies at least half a receptive field inside its tile,
 so each tile contributes only away from its edges: a hard margin of
 ``min(overlap // 2, ceil(receptive_field / 2))`` px is zero-weighted (except on sides that touch
 the volume border, where no tile has more context), and the rest is blended with a Gaussian
 window (sigma = tile / 8, as nnU-Net) normalised by the summed weights. With
-``overlap >= receptive_field`` (128 px for the default UNet2d) tiled prediction therefore equals
+``overlap >= receptive_field`` (236 px for the default UNet2d) tiled prediction therefore equals
 whole-slice prediction up to float rounding; with the default 64 px, pixels keep at least 32 px of
 context and differences stay small.
 """
@@ -26,19 +27,33 @@ from torch import Tensor
 
 Blending = Literal["gaussian", "constant"]
 Precision = Literal["auto", "32", "bf16", "16"]
-STEP = 16  # tile origins and sizes are multiples of this
+# Tile origins and sizes are multiples of this at least. It stays 16 for networks of fewer
+# levels (the seed's 4, divisor 8) so that their tile layouts, and so their outputs, are what
+# earlier versions wrote.
+STEP = 16
 _ACCUMULATOR_BYTES = 64 * 2**20  # slices predicted together: bounds the accumulator's memory
 
 
-def check_tiling(tile: int, overlap: int) -> None:
-    """Raise a ``ValueError`` that says the fix when ``tile``/``overlap`` cannot be used."""
-    if tile <= 0 or tile % STEP:
-        raise ValueError(f"tile must be a positive multiple of {STEP} px, got {tile}: use e.g. 256")
-    if overlap < 0 or overlap % STEP:
+def tile_step(divisor: int) -> int:
+    """The grid tiles are placed on for a network whose inputs are multiples of ``divisor``."""
+    return max(STEP, divisor)  # both powers of 2: a multiple of either
+
+
+def check_tiling(tile: int, overlap: int, step: int = STEP) -> None:
+    """Raise a ``ValueError`` that says the fix when ``tile``/``overlap`` cannot be used.
+
+    ``step``: the network's :func:`tile_step` (checked again once the checkpoint is loaded).
+    """
+    if tile <= 0 or tile % step:
         raise ValueError(
-            f"overlap must be a multiple of {STEP} px (tiles step by tile - overlap, and the "
+            f"tile must be a positive multiple of {step} px (the model's tile step), got "
+            f"{tile}: use e.g. 256"
+        )
+    if overlap < 0 or overlap % step:
+        raise ValueError(
+            f"overlap must be a multiple of {step} px (tiles step by tile - overlap, and the "
             f"model is shift-equivariant only for multiples of its divisor), got {overlap}: "
-            "use e.g. 64"
+            f"use e.g. {max(64, step)}"
         )
     if overlap >= tile:
         raise ValueError(f"overlap ({overlap}) must be smaller than tile ({tile})")
@@ -57,7 +72,7 @@ class AxisTiles:
         start: first pixel read (volume coordinates; negative means reflection padding).
         stop: one past the last pixel read (beyond the volume length: reflection padding).
         size: tile size along this axis.
-        origins: tile origins, volume coordinates, multiples of ``STEP``.
+        origins: tile origins, volume coordinates, multiples of the network's tile step.
         margins: per tile, (low, high) zero-weighted pixels.
     """
 
@@ -68,13 +83,18 @@ class AxisTiles:
     margins: tuple[tuple[int, int], ...]
 
 
-def plan_axis(lo: int, hi: int, length: int, tile: int, overlap: int, margin: int) -> AxisTiles:
-    """Tiles whose weighted interiors cover ``[lo, hi)`` of an axis of ``length`` px."""
+def plan_axis(
+    lo: int, hi: int, length: int, tile: int, overlap: int, margin: int, grid: int = STEP
+) -> AxisTiles:
+    """Tiles whose weighted interiors cover ``[lo, hi)`` of an axis of ``length`` px.
+
+    ``grid``: the network's :func:`tile_step`; origins and a lone tile's size are multiples of it.
+    """
     if length <= tile:  # one tile for the whole axis, no more than the rounding needs
-        size = -(-length // STEP) * STEP
+        size = -(-length // grid) * grid
         return AxisTiles(0, size, size, (0,), ((0, 0),))
     step = tile - overlap
-    origin = 0 if lo == 0 else (lo - margin) // STEP * STEP
+    origin = 0 if lo == 0 else (lo - margin) // grid * grid
     origins, margins = [], []
     while True:
         low = 0 if origin <= 0 else margin

@@ -22,7 +22,7 @@ from torch import Tensor
 from joenet.checkpoint import cached_model, resolve_device
 from joenet.predict.fast_path import inference_network
 from joenet.predict.input_image import InputImage, open_input
-from joenet.predict.tiling import AxisTiles, PlanePredictor, plan_axis
+from joenet.predict.tiling import STEP, AxisTiles, PlanePredictor, plan_axis
 
 Range = tuple[int, int]
 # plane -> (axis across the planes, first in-plane axis, second in-plane axis), as (z, y, x) = 0..2
@@ -52,6 +52,7 @@ class BlockJob:
     fold_batchnorms: bool = True  # BatchNorms after convs folded into them (model/fold.py)
     channels_last: bool = True  # the network in channels_last memory format (fast_path.py)
     compile: bool = False  # torch.compile with freezing, resolved from "auto" by the client
+    grid: int = STEP  # tile origins are multiples of this: tiling.tile_step of the network
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def read_block(job: BlockJob, image: InputImage, block: Block) -> list[PlaneInpu
     for plane in job.planes:
         across, a, b = PLANE_AXES[plane]
         tiles = [
-            plan_axis(*region[axis], image.shape[axis], job.tile, job.overlap, job.margin)
+            plan_axis(*region[axis], image.shape[axis], job.tile, job.overlap, job.margin, job.grid)
             for axis in (a, b)
         ]
         window: list[Range] = [region[0], region[1], region[2]]
@@ -146,7 +147,9 @@ def count_tiles(job: BlockJob, shape: tuple[int, ...], blocks: list[Block]) -> i
             across, a, b = PLANE_AXES[plane]
             per_plane = 1
             for axis in (a, b):
-                tiles = plan_axis(*region[axis], shape[axis], job.tile, job.overlap, job.margin)
+                tiles = plan_axis(
+                    *region[axis], shape[axis], job.tile, job.overlap, job.margin, job.grid
+                )
                 per_plane *= len(tiles.origins)
             total += per_plane * max(0, region[across][1] - region[across][0])
     return total * (8 if job.tta else 1)
