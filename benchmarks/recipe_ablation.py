@@ -31,7 +31,8 @@ import torch
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from time_to_accuracy import DEFAULT_DATA, load_validation, mito_iou
+from curve_diagnosis import mito_iou
+from time_to_accuracy import DEFAULT_DATA, load_validation
 
 from joenet.config import config_dir, register_resolvers
 

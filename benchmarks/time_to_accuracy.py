@@ -51,6 +51,9 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.trainer.states import RunningStage
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from curve_diagnosis import diagnose, mito_iou
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lucchi_train.zarr"
 TRAIN_Z, VAL_Z = (0, 132), (132, 165)
 PLAIN_RECIPE = [
@@ -71,74 +74,6 @@ def load_validation(
     raw = np.asarray(group["raw"][z[0] : z[1] : step], dtype=np.float32) / 255.0
     mito = np.asarray(group["labels/mito"][z[0] : z[1] : step]) > 0
     return torch.from_numpy(raw)[:, None], torch.from_numpy(mito)
-
-
-@torch.inference_mode()
-def mito_iou(net: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float:
-    """IoU of channel 1 (mito) at probability 0.5 over all the given slices."""
-    was_training = net.training
-    net.eval()
-    intersection = union = 0
-    for image, mask in zip(images, masks, strict=True):
-        predicted = net(image[None])[0, 1] > 0  # logit > 0 <=> probability > 0.5
-        intersection += int((predicted & mask).sum())
-        union += int((predicted | mask).sum())
-    net.train(was_training)
-    return intersection / max(union, 1)
-
-
-@torch.inference_mode()
-def mito_logits(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Mito logits (S, H, W) of each slice, the network in its current mode."""
-    return torch.stack([net(image[None])[0, 1] for image in images])
-
-
-def threshold_sweep(logits: torch.Tensor, masks: torch.Tensor) -> tuple[float, float]:
-    """The probability threshold (0.1-0.9) with the best IoU, and that IoU."""
-    best = (0.5, -1.0)
-    for threshold in np.arange(0.1, 0.91, 0.1):
-        predicted = logits > float(np.log(threshold / (1 - threshold)))
-        iou = int((predicted & masks).sum()) / max(int((predicted | masks).sum()), 1)
-        best = max(best, (round(float(threshold), 1), iou), key=lambda t: t[1])
-    return best
-
-
-def diagnose(net: nn.Module, val: tuple, train: tuple) -> dict[str, float]:
-    """What the ``--diagnose`` columns measure for one network (see the module docstring)."""
-    import copy
-
-    was_training = net.training
-    logits = mito_logits(net.eval(), val[0])
-    net.train(was_training)
-    threshold, threshold_iou = threshold_sweep(logits, val[1])
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    row = {
-        "train_iou": mito_iou(net, *train),
-        "best_threshold": threshold,
-        "best_threshold_iou": threshold_iou,
-    }
-    if norms:
-        per_slice = copy.deepcopy(net).eval()
-        for module in per_slice.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.train()  # each forward normalises by its own slice's statistics
-        row["batchstat_iou"] = mito_iou_in_mode(per_slice, *val)
-        recalibrated = copy.deepcopy(net)
-        for module in recalibrated.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
-                module.momentum = None  # a cumulative average over the slices below
-        recalibrated.train()
-        mito_logits(recalibrated, train[0])
-        row["recal_iou"] = mito_iou(recalibrated, *val)
-    return {k: round(v, 4) for k, v in row.items()}
-
-
-@torch.inference_mode()
-def mito_iou_in_mode(net: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float:
-    """:func:`mito_iou` without switching the network to eval mode first."""
-    predicted = mito_logits(net, images) > 0
-    return int((predicted & masks).sum()) / max(int((predicted | masks).sum()), 1)
 
 
 def peers() -> dict[str, Callable[[], nn.Module]]:

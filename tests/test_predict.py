@@ -154,14 +154,19 @@ def _fake_checkpoint(
     return fake
 
 
+def _crop(volume_path: Path, crop_path: Path, depth: int) -> None:
+    """The first ``depth`` slices of the volume's raw, 48 x 40 px, one chunk per slice."""
+    source = zarr.open_group(str(volume_path), mode="r")["raw"]
+    crop = zarr.open_group(str(crop_path), mode="w")
+    crop.create_array("raw", data=source[:depth, :48, :40], chunks=(1, 48, 40))
+
+
 def test_a_six_level_network_predicts_any_size(
     ckpt_path: Path, volume_path: Path, tmp_path: Path
 ) -> None:
     # 48 x 40 px: a lone tile is rounded up to the 6-level network's 32 px grid, not to 16 px
     # (which the network refuses); an overlap off that grid is one clear error.
-    source = zarr.open_group(str(volume_path), mode="r")["raw"]
-    crop = zarr.open_group(str(tmp_path / "crop.zarr"), mode="w")
-    crop.create_array("raw", data=source[:2, :48, :40], chunks=(1, 48, 40))
+    _crop(volume_path, tmp_path / "crop.zarr", depth=2)
     net = UNet2d(channels=(2, 4, 4, 4, 4, 4)).eval()
     fake = _fake_checkpoint(
         ckpt_path, tmp_path, net, divisor=net.divisor, receptive_field=net.receptive_field()
@@ -176,9 +181,7 @@ def test_a_six_level_network_predicts_any_size(
 def test_tta_and_planes_invert_their_transforms(
     ckpt_path: Path, volume_path: Path, tmp_path: Path
 ) -> None:
-    source = zarr.open_group(str(volume_path), mode="r")["raw"]
-    crop = zarr.open_group(str(tmp_path / "crop.zarr"), mode="w")
-    crop.create_array("raw", data=source[:6, :48, :40], chunks=(1, 48, 40))
+    _crop(volume_path, tmp_path / "crop.zarr", depth=6)
     fake = _fake_checkpoint(ckpt_path, tmp_path, _Pointwise())
     arrays = {}
     for name, options in {

@@ -183,7 +183,7 @@ def test_time_to_accuracy_diagnosis_measures_without_touching_the_network() -> N
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from time_to_accuracy import diagnose, threshold_sweep
+    from curve_diagnosis import diagnose, threshold_sweep
 
     masks = torch.zeros(1, 8, 8, dtype=torch.bool)
     masks[0, :4] = True

@@ -1,0 +1,70 @@
+"""Mito IoU of a network on whole slices, and what ``time_to_accuracy.py --diagnose`` measures.
+
+The columns say why a curve falls (see ``time_to_accuracy.py``): the training slices' IoU
+(overfitting), BatchNorm with per-slice or re-estimated statistics (running statistics that do
+not fit whole slices) and the best probability threshold (calibration).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _iou(predicted: torch.Tensor, masks: torch.Tensor) -> float:
+    return int((predicted & masks).sum()) / max(int((predicted | masks).sum()), 1)
+
+
+@torch.inference_mode()
+def mito_logits(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Mito logits (S, H, W) of each slice, the network in its current mode."""
+    return torch.stack([net(image[None])[0, 1] for image in images])
+
+
+def mito_iou(net: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float:
+    """IoU of channel 1 (mito) at probability 0.5 over all the given slices, in eval mode."""
+    was_training = net.training
+    logits = mito_logits(net.eval(), images)
+    net.train(was_training)
+    return _iou(logits > 0, masks)  # logit > 0 <=> probability > 0.5
+
+
+def threshold_sweep(logits: torch.Tensor, masks: torch.Tensor) -> tuple[float, float]:
+    """The probability threshold (0.1-0.9) with the best IoU, and that IoU."""
+    best = (0.5, -1.0)
+    for threshold in np.arange(0.1, 0.91, 0.1):
+        iou = _iou(logits > float(np.log(threshold / (1 - threshold))), masks)
+        best = max(best, (round(float(threshold), 1), iou), key=lambda t: t[1])
+    return best
+
+
+def _batch_norms(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def diagnose(net: nn.Module, val: tuple, train: tuple) -> dict[str, float]:
+    """The ``--diagnose`` columns for one network; ``net`` itself is left as it was."""
+    was_training = net.training
+    logits = mito_logits(net.eval(), val[0])
+    net.train(was_training)
+    threshold, threshold_iou = threshold_sweep(logits, val[1])
+    row = {
+        "train_iou": mito_iou(net, *train),
+        "best_threshold": threshold,
+        "best_threshold_iou": threshold_iou,
+    }
+    if _batch_norms(net):
+        per_slice = copy.deepcopy(net).eval()
+        for module in _batch_norms(per_slice):
+            module.train()  # each forward normalises by its own slice's statistics
+        row["batchstat_iou"] = _iou(mito_logits(per_slice, val[0]) > 0, val[1])
+        recalibrated = copy.deepcopy(net).train()
+        for module in _batch_norms(recalibrated):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over the training slices
+        mito_logits(recalibrated, train[0])
+        row["recal_iou"] = mito_iou(recalibrated, *val)
+    return {k: round(v, 4) for k, v in row.items()}
