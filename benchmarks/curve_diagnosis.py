@@ -3,6 +3,11 @@
 The columns say why a curve falls (see ``time_to_accuracy.py``): the training slices' IoU
 (overfitting), BatchNorm with per-slice or re-estimated statistics (running statistics that do
 not fit whole slices) and the best probability threshold (calibration).
+
+:func:`tiled_mito_logits` predicts the slices as ``python -m joenet.predict`` does, tile by tile:
+with per-sample normalisation (InstanceNorm, as MONAI's BasicUNet) each tile is normalised by its
+own statistics, so tiled and whole-slice predictions differ, and only measuring both says by how
+much.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 from torch import nn
 
 
-def _iou(predicted: torch.Tensor, masks: torch.Tensor) -> float:
+def mask_iou(predicted: torch.Tensor, masks: torch.Tensor) -> float:
     return int((predicted & masks).sum()) / max(int((predicted | masks).sum()), 1)
 
 
@@ -29,14 +34,54 @@ def mito_iou(net: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float
     was_training = net.training
     logits = mito_logits(net.eval(), images)
     net.train(was_training)
-    return _iou(logits > 0, masks)  # logit > 0 <=> probability > 0.5
+    return mask_iou(logits > 0, masks)  # logit > 0 <=> probability > 0.5
+
+
+@torch.inference_mode()
+def tiled_mito_logits(
+    net: nn.Module, images: torch.Tensor, tile: int = 256, overlap: int = 64, grid: int = 16
+) -> torch.Tensor:
+    """Mito logits (S, H, W) blended from tiles by joenet's predictor (Gaussian, eval mode).
+
+    ``grid``: the network's tile step (16 for joenet's 5 levels and BasicUNet's 4 poolings).
+    """
+    from joenet.predict.tiling import PlanePredictor, plan_axis
+
+    was_training = net.training
+    predictor = PlanePredictor(net.eval(), torch.device("cpu"), batch_size=1)
+    _, _, height, width = images.shape
+    margin = overlap // 2  # tile_margin's value whenever the receptive field exceeds the overlap
+    tiles = [plan_axis(0, n, n, tile, overlap, margin, grid) for n in (height, width)]
+    pad = [(0, 0), *((0, max(0, t.stop - n)) for t, n in zip(tiles, (height, width), strict=True))]
+    planes = np.pad(images[:, 0].numpy(), pad, mode="reflect")  # as the volume reader pads
+    probs = predictor.predict(planes, *tiles, (0, height), (0, width))[:, 1]
+    net.train(was_training)
+    probs = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7)
+    return torch.log(probs / (1 - probs))
+
+
+def tiled_against_whole(
+    net: nn.Module, images: torch.Tensor, masks: torch.Tensor, tile: int = 256, overlap: int = 64
+) -> dict[str, float]:
+    """Tiled prediction's IoU, and how far its probabilities are from whole-slice prediction."""
+    was_training = net.training
+    whole = mito_logits(net.eval(), images)
+    net.train(was_training)
+    tiled = tiled_mito_logits(net, images, tile, overlap)
+    difference = (tiled.sigmoid() - whole.sigmoid()).abs()
+    return {
+        "tiled_iou": round(mask_iou(tiled > 0, masks), 4),
+        "mean_abs_prob_diff": round(float(difference.mean()), 5),
+        "max_abs_prob_diff": round(float(difference.max()), 4),
+        "flipped_pixels": round(float(((tiled > 0) != (whole > 0)).float().mean()), 5),
+    }
 
 
 def threshold_sweep(logits: torch.Tensor, masks: torch.Tensor) -> tuple[float, float]:
     """The probability threshold (0.1-0.9) with the best IoU, and that IoU."""
     best = (0.5, -1.0)
     for threshold in np.arange(0.1, 0.91, 0.1):
-        iou = _iou(logits > float(np.log(threshold / (1 - threshold))), masks)
+        iou = mask_iou(logits > float(np.log(threshold / (1 - threshold))), masks)
         best = max(best, (round(float(threshold), 1), iou), key=lambda t: t[1])
     return best
 
@@ -60,7 +105,7 @@ def diagnose(net: nn.Module, val: tuple, train: tuple) -> dict[str, float]:
         per_slice = copy.deepcopy(net).eval()
         for module in _batch_norms(per_slice):
             module.train()  # each forward normalises by its own slice's statistics
-        row["batchstat_iou"] = _iou(mito_logits(per_slice, val[0]) > 0, val[1])
+        row["batchstat_iou"] = mask_iou(mito_logits(per_slice, val[0]) > 0, val[1])
         recalibrated = copy.deepcopy(net).train()
         for module in _batch_norms(recalibrated):
             module.reset_running_stats()

@@ -29,6 +29,11 @@ gathered on 128 px windows a third of which are centred on a mitochondrion, do n
 slices), ``recal_iou`` (running statistics re-estimated on the training slices, eval mode) and
 ``best_threshold`` / ``best_threshold_iou`` (the probability threshold that would have scored best:
 a drift away from 0.5 is calibration).
+
+``--tiled`` also predicts the 33 final slices as ``python -m joenet.predict`` does (tiles of
+256 px, overlap 64, Gaussian blending) and states that IoU and how far the tiled probabilities
+are from whole-slice ones: with per-sample normalisation (InstanceNorm) every tile is normalised
+by its own statistics.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from curve_diagnosis import diagnose, mito_iou
+from curve_diagnosis import diagnose, mito_iou, tiled_against_whole
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lucchi_train.zarr"
 TRAIN_Z, VAL_Z = (0, 132), (132, 165)
@@ -253,6 +258,9 @@ def main() -> None:
     parser.add_argument(
         "--diagnose", action="store_true", help="also the columns that say why a curve falls"
     )
+    parser.add_argument(
+        "--tiled", action="store_true", help="also the final IoU of tiled prediction (256/64)"
+    )
     args = parser.parse_args()
     if not (args.data / "raw").exists():
         print(f"skipped: {args.data} not found (the Lucchi volume of ../shared/data; see --data)")
@@ -273,7 +281,7 @@ def main() -> None:
         "joenet": (args.joenet, None),
         **{name: (PLAIN_RECIPE, make) for name, make in peers().items()},
     }
-    curves, final = {}, {}
+    curves, final, tiled = {}, {}, {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         if name not in runs:
@@ -282,6 +290,9 @@ def main() -> None:
         curves[name], net = train_one(name, overrides, make, args, quick, train_slices)
         final[name] = mito_iou(net, *val)
         print(f"{name}: final IoU on all 33 validation slices {final[name]:.3f}", flush=True)
+        if args.tiled:
+            tiled[name] = tiled_against_whole(net, *val)
+            print(f"{name}: tiled prediction of the 33 slices {tiled[name]}", flush=True)
         with open(args.out.with_suffix(".csv"), "w", newline="") as f:
             fields = list(dict.fromkeys(k for curve in curves.values() for r in curve for k in r))
             writer = csv.DictWriter(f, fieldnames=fields)
@@ -291,8 +302,9 @@ def main() -> None:
     plot(curves, args.target, args.out.with_suffix(".png"))
     lines = [
         f"| model | patches in {args.minutes:g} min | time to IoU {args.target} | best IoU "
-        "(every 8th slice) | largest drop after 0.70 | final IoU (all 33 slices) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "(every 8th slice) | largest drop after 0.70 | final IoU (all 33 slices) |"
+        + (" final IoU, tiled prediction | mean abs prob. tiled - whole |" if tiled else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if tiled else ""),
     ]
     for name, curve in curves.items():
         reached = first_reaching(curve, args.target)
@@ -303,6 +315,11 @@ def main() -> None:
         lines.append(
             f"| {name} | {curve[-1]['patches']} | {when} | {max(values):.3f} "
             f"| {max([0.0, *drops]):.3f} | {final[name]:.3f} |"
+            + (
+                f" {tiled[name]['tiled_iou']:.3f} | {tiled[name]['mean_abs_prob_diff']:.4f} |"
+                if name in tiled
+                else ""
+            )
         )
     table = "\n".join(lines)
     print("\n" + table)

@@ -7,6 +7,7 @@ the code at commit 7ca9fb8 (before the package layout changed).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -114,17 +115,22 @@ def test_old_prediction_evaluates_to_the_same_metrics() -> None:
     assert results["histograms"] == expected["histograms"]
 
 
-def test_old_checkpoint_resumes_training(tmp_path: Path) -> None:
+def test_old_checkpoint_resumes_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """``ckpt_path=`` an old checkpoint: training continues from its step, weights restored."""
     from hydra.utils import instantiate
 
-    from joenet.train import _instantiate_all
+    from joenet.train import _instantiate_all, keep_resumed_network
 
     state = torch.load(CKPT, weights_only=True, map_location="cpu")
     data_dir = tmp_path / "data"
     quiet = ["~logger", "~callbacks.validation_images", "~callbacks.lr_monitor"]
     cfg = compose_train(
-        [*tiny_overrides(data_dir, tmp_path / "run"), "trainer.max_epochs=2", *quiet]
+        [
+            *tiny_overrides(data_dir, tmp_path / "run"),
+            "trainer.max_epochs=2",
+            f"ckpt_path={CKPT}",
+            *quiet,
+        ]
     )
     restored: dict[str, bool] = {}
 
@@ -139,6 +145,12 @@ def test_old_checkpoint_resumes_training(tmp_path: Path) -> None:
                 state["optimizer_states"][0]["state"][0]["exp_avg"],
             )
 
+    # The fixture is BatchNorm (the default when it was written), the config InstanceNorm now:
+    # train() resumes the checkpoint's network, saying so.
+    with caplog.at_level(logging.WARNING, logger="joenet"):
+        keep_resumed_network(cfg)
+    assert cfg.model.net.norm == "batch"
+    assert "model.net.norm=batch (the config says norm=instance)" in caplog.text
     L.seed_everything(0)
     module = instantiate(cfg.model)
     callbacks = [*_instantiate_all(cfg.callbacks), CheckRestored()]
@@ -147,3 +159,19 @@ def test_old_checkpoint_resumes_training(tmp_path: Path) -> None:
     assert trainer.global_step == 2 * state["global_step"]  # one more epoch of as many steps
     assert trainer.current_epoch == 2
     assert restored == {"weights": True, "optimizer": True}
+
+
+def test_resuming_keeps_a_network_change_the_weights_fit() -> None:
+    # Resuming falls back to the trained value only of an option whose default changed (norm),
+    # and only when the configured network cannot take the weights: other changes stay.
+    from joenet.checkpoint import resumed_network_options
+
+    trained = torch.load(CKPT, weights_only=True, map_location="cpu")["hyper_parameters"]["net"]
+    names = ["nuclei", "mito"]
+    with_dropout = dict(trained) | {"dropout": 0.2}
+    assert resumed_network_options(CKPT, names, with_dropout) == with_dropout
+    wider = dict(trained) | {"channels": [8, 16, 32, 64], "norm": "instance"}  # the user's
+    assert resumed_network_options(CKPT, names, wider) == wider  # left to the load's error
+    assert resumed_network_options(CKPT, names, dict(trained) | {"norm": "instance"}) == trained
+    without_norm = {key: value for key, value in trained.items() if key != "norm"}
+    assert resumed_network_options(CKPT, names, without_norm | {"norm": "instance"}) == trained

@@ -211,3 +211,29 @@ def test_time_to_accuracy_diagnosis_measures_without_touching_the_network() -> N
         "recal_iou",
     }
     assert all(0.0 <= v <= 1.0 for v in row.values())
+
+
+def test_time_to_accuracy_tiled_measure_sees_per_tile_statistics() -> None:
+    # time_to_accuracy.py --tiled: with BatchNorm in eval mode and an overlap beyond the receptive
+    # field, tiles compute what the whole slice computes; InstanceNorm normalises each tile by
+    # its own statistics, and the measure must see that difference.
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from curve_diagnosis import tiled_against_whole
+
+    torch.manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(96.0), torch.arange(128.0), indexing="ij")
+    images = (0.5 + 0.3 * torch.sin(yy / 5) * torch.cos(xx / 7) + 0.1 * torch.rand(96, 128))[
+        None, None
+    ].expand(2, 1, 96, 128)
+    masks = images[:, 0] > 0.6
+    batch_norm = UNet2d(channels=[4, 8]).eval()
+    assert batch_norm.receptive_field() <= 32
+    same = tiled_against_whole(batch_norm, images, masks, tile=64, overlap=32)
+    assert same["mean_abs_prob_diff"] < 1e-5 and same["flipped_pixels"] == 0.0
+    instance = UNet2d(channels=[4, 8], norm="instance").train()
+    differs = tiled_against_whole(instance, images, masks, tile=64, overlap=32)
+    assert instance.training  # left in the mode it was in
+    assert differs["mean_abs_prob_diff"] > 1e-3
+    assert 0.0 <= differs["tiled_iou"] <= 1.0

@@ -10,7 +10,14 @@ from torch import nn
 
 from joenet.model import UNet2d
 from joenet.predict.input_image import InputImage
-from joenet.predict.tiling import PlanePredictor, check_tiling, plan_axis, tile_margin, tile_step
+from joenet.predict.tiling import (
+    PlanePredictor,
+    check_tiling,
+    per_sample_norm,
+    plan_axis,
+    tile_margin,
+    tile_step,
+)
 
 
 def _random_bn_net(channels: tuple[int, ...] = (4, 8, 16, 32)) -> nn.Module:
@@ -81,3 +88,22 @@ def test_a_six_level_network_tiles_on_its_own_divisor() -> None:
     assert any(origin % 32 for origin in on_16)
     with pytest.raises(ValueError, match="multiple of 32 px"):
         check_tiling(256, 48, step=32)
+
+
+def test_per_sample_norms_are_told_that_tiles_differ(caplog: pytest.LogCaptureFixture) -> None:
+    # InstanceNorm (the default config's) normalises each tile alone: the overlap advice must not
+    # promise that a larger overlap makes tiled and whole-slice predictions equal.
+    import logging
+
+    from joenet.predict.checks import check_overlap
+
+    instance = UNet2d(channels=(4, 8), norm="instance")
+    assert per_sample_norm(instance) and per_sample_norm(UNet2d(channels=(4, 8), norm="group"))
+    assert not per_sample_norm(_random_bn_net())
+    with caplog.at_level(logging.INFO, logger="joenet"):
+        check_overlap(64, 80, per_sample_norm=False)
+        assert "predictions equal" in caplog.text
+        caplog.clear()
+        check_overlap(64, 80, per_sample_norm=True)
+    assert "normalised by its own statistics" in caplog.text
+    assert "predictions equal" not in caplog.text

@@ -11,6 +11,7 @@ still names it).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 import re
@@ -201,6 +202,51 @@ def load_network_weights(
             f"(trained with net={checkpoint.get('hyper_parameters', {}).get('net')}): "
             + " ".join(line.strip() for line in detail)
         ) from None
+
+
+# model.net options whose default changed, with the value checkpoints of earlier versions have
+# (also where their hyperparameters predate the option).
+EARLIER_DEFAULTS: dict[str, Any] = {"norm": "batch"}  # InstanceNorm became the default config's
+
+
+def resumed_network_options(
+    ckpt_path: str | Path, class_names: list[str], configured: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``model.net`` options to resume ``ckpt_path`` with.
+
+    The configured ones, unless the checkpoint's weights do not fit them and do fit them with
+    the checkpoint's values of the options whose default changed since (:data:`EARLIER_DEFAULTS`):
+    a run written before a default changed resumes as it was trained. Any other difference is
+    the user's and stays, for training's load to report in one line if it does not fit.
+    """
+    checkpoint = read_checkpoint(ckpt_path)
+    trained = dict(checkpoint.get("hyper_parameters", {}).get("net") or {})
+    changed = {
+        key: trained.get(key, earlier)
+        for key, earlier in EARLIER_DEFAULTS.items()
+        if configured.get(key) != trained.get(key, earlier)
+    }
+    source = f"ckpt_path={ckpt_path}"
+    options = configured | changed
+    if not changed or _fits(checkpoint, class_names, configured, source):
+        return configured
+    if not _fits(checkpoint, class_names, options, source):
+        return configured
+    logging.getLogger(__name__).warning(
+        "%s: resuming the network it was trained with, %s (the config says %s)",
+        source,
+        ", ".join(f"model.net.{key}={value}" for key, value in changed.items()),
+        ", ".join(f"{key}={configured.get(key)}" for key in changed),
+    )
+    return options
+
+
+def _fits(checkpoint: dict[str, Any], class_names: list[str], options: dict, source: str) -> bool:
+    try:
+        load_network_weights(build_network(class_names, options), checkpoint, source, options)
+    except ValueError:
+        return False
+    return True
 
 
 def weights_fingerprint(net: nn.Module) -> str:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from joenet.checkpoint import resumed_network_options
 from joenet.cli import Preempted, exit_on_error
 from joenet.config import config_dir, register_resolvers
 from joenet.hydra_ddp import ddp_scope_per_job, use_job_command_for_ddp_ranks
 from joenet.lit_module import SegmentationLitModule
+from joenet.model import DEFAULT_CLASS_NAMES
 from joenet.run_info import write_run_info
 from joenet.run_summary import BestMetrics, summarize_run
 
@@ -40,6 +43,23 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(node) for node in group.values() if node and "_target_" in node]
 
 
+def keep_resumed_network(cfg: DictConfig) -> None:
+    """With ``ckpt_path=<file>``, keep the checkpoint's values of network options whose default
+    changed since it was written (see :func:`~joenet.checkpoint.resumed_network_options`), so
+    that an old run resumes whatever the defaults have become.
+    """
+    # "last"/"hpc" are Lightning's names for a run's own checkpoints, resumed with its own config.
+    if not cfg.get("ckpt_path") or not Path(str(cfg.ckpt_path)).is_file() or "net" not in cfg.model:
+        return
+    configured = OmegaConf.to_container(cfg.model.net, resolve=True)
+    assert isinstance(configured, dict)
+    options = resumed_network_options(
+        cfg.ckpt_path, list(cfg.model.get("class_names") or DEFAULT_CLASS_NAMES), configured
+    )
+    with open_dict(cfg):
+        cfg.model.net = options
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model that ``cfg`` describes; print and write its summary (``summary.json``).
 
@@ -50,6 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
+    keep_resumed_network(cfg)
     model: SegmentationLitModule = instantiate(cfg.model)
     if cfg.get("init_from"):
         model.init_weights_from(cfg.init_from)

@@ -50,8 +50,10 @@ def make_norm(name: Norm, channels: int) -> nn.Module:
     """Build the normalisation called ``name`` for ``channels`` channels.
 
     ``batch`` is the seed's BatchNorm. ``instance`` (affine, no running statistics, as MONAI's
-    BasicUNet) and ``group`` (8 channels per group, GroupNorm) normalise each sample alone, so
-    training and inference see the same statistics whatever the batch or tile size.
+    BasicUNet; the default config's) and ``group`` (8 channels per group, GroupNorm) normalise
+    each sample alone, so no batch statistics mix samples in training or differ from them at
+    inference; but each prediction *tile* is normalised by its own statistics, so tiled
+    prediction depends on the tile size (measured in ``benchmarks/tiling_seams.py``).
     """
     check_choice("norm", name, get_args(Norm))
     if name == "batch":

@@ -48,7 +48,20 @@ def check_options(
         raise ValueError(f"block_size ({block_size}) must be at least tile ({tile})")
 
 
-def check_overlap(overlap: int, receptive_field: int, step: int = STEP) -> None:
+def check_overlap(
+    overlap: int, receptive_field: int, step: int = STEP, per_sample_norm: bool = False
+) -> None:
+    """Warn when tiles see too little context; say what the overlap buys.
+
+    ``per_sample_norm``: the network normalises each input by its own statistics (InstanceNorm,
+    GroupNorm), so each tile is normalised alone and no overlap makes tiles exactly whole slices.
+    """
+    if per_sample_norm:
+        log.info(
+            "the model normalises per sample (InstanceNorm/GroupNorm): each tile is normalised by "
+            "its own statistics, so tiled and whole-slice predictions differ slightly whatever "
+            "the overlap (docs/benchmarks.md, tiling_seams)"
+        )
     if overlap < receptive_field // 2:
         warnings.warn(
             f"overlap={overlap} px is less than half the model's receptive field "
@@ -56,7 +69,7 @@ def check_overlap(overlap: int, receptive_field: int, step: int = STEP) -> None:
             f"use overlap >= {_round_up(_round_up(receptive_field, 2) // 2, step)}",
             stacklevel=3,
         )
-    elif overlap < receptive_field:
+    elif overlap < receptive_field and not per_sample_norm:
         log.info(
             "overlap=%d px: tiles keep %d px of context at their seams; overlap >= %d px makes "
             "tiled and whole-slice predictions equal",

@@ -17,7 +17,13 @@ from joenet.predict import checks
 from joenet.predict.executor import run_dask, run_local
 from joenet.predict.fast_path import check_compile, resolve_compile
 from joenet.predict.input_image import InputImage, open_input
-from joenet.predict.tiling import autocast_dtype, check_tiling, tile_margin, tile_step
+from joenet.predict.tiling import (
+    autocast_dtype,
+    check_tiling,
+    per_sample_norm,
+    tile_margin,
+    tile_step,
+)
 from joenet.predict.viewer_levels import update_viewer_levels
 from joenet.predict.work_units import Block, BlockJob, count_tiles, make_blocks
 from joenet.predict.writer import CompletionRecord, check_output, open_output
@@ -225,7 +231,7 @@ def predict_volume(
         z_range = check_z_range(z_range, depth, str(input), "z_range")
         grid = tile_step(model.divisor)
         check_tiling(tile, overlap, grid)  # a 6-level network places tiles on 32 px, not 16
-        checks.check_overlap(overlap, model.receptive_field, grid)
+        checks.check_overlap(overlap, model.receptive_field, grid, per_sample_norm(model.net))
         job = BlockJob(
             ckpt_path=str(Path(ckpt_path).resolve()),
             input_path=_absolute(input),  # workers may run elsewhere: no relative paths
