@@ -1,6 +1,6 @@
 """Time to accuracy on Lucchi: joenet's default against MONAI's BasicUNet and torch-em's UNet2d.
 
-Run: ``python benchmarks/time_to_accuracy.py [--minutes 20] [--eval-every 60] [--out F]``
+Run: ``python benchmarks/time_to_accuracy.py [--minutes 20] [--eval-every 60] [--seed N] [--out F]``
 (needs ``../shared/data/lucchi_train.zarr`` or ``--data``; skips with a reason when it is absent;
 torch-em: ``pip install --no-deps torch-em``, see ``train_step_bench.py``).
 
@@ -191,6 +191,7 @@ def train_one(
                 f"trainer.max_time={budget}",
                 "trainer.max_epochs=-1",
                 "data.num_workers=0",
+                f"seed={args.seed}",  # initial weights and the patch stream, the same for all
                 *NO_OUTPUTS,
                 *overrides,
             ],
@@ -248,6 +249,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--eval-every", type=float, default=60.0, help="seconds of training")
     parser.add_argument("--target", type=float, default=0.80)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of every model's run (a repeat with another)"
+    )
     parser.add_argument("--out", type=Path, default=Path("time_to_accuracy"))
     parser.add_argument(
         "--models", nargs="+", default=["joenet", "MONAI BasicUNet", "torch-em UNet2d"]
