@@ -12,7 +12,9 @@ much.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -23,6 +25,16 @@ def mask_iou(predicted: torch.Tensor, masks: torch.Tensor) -> float:
     return int((predicted & masks).sum()) / max(int((predicted | masks).sum()), 1)
 
 
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode inside the block, back in the mode it was in after it."""
+    was_training = net.training
+    try:
+        yield net.eval()
+    finally:
+        net.train(was_training)
+
+
 @torch.inference_mode()
 def mito_logits(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Mito logits (S, H, W) of each slice, the network in its current mode."""
@@ -31,9 +43,8 @@ def mito_logits(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def mito_iou(net: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float:
     """IoU of channel 1 (mito) at probability 0.5 over all the given slices, in eval mode."""
-    was_training = net.training
-    logits = mito_logits(net.eval(), images)
-    net.train(was_training)
+    with eval_mode(net):
+        logits = mito_logits(net, images)
     return mask_iou(logits > 0, masks)  # logit > 0 <=> probability > 0.5
 
 
@@ -47,26 +58,33 @@ def tiled_mito_logits(
     """
     from joenet.predict.tiling import PlanePredictor, plan_axis
 
-    was_training = net.training
-    predictor = PlanePredictor(net.eval(), torch.device("cpu"), batch_size=1)
+    predictor = PlanePredictor(net, torch.device("cpu"), batch_size=1)
     _, _, height, width = images.shape
     margin = overlap // 2  # tile_margin's value whenever the receptive field exceeds the overlap
     tiles = [plan_axis(0, n, n, tile, overlap, margin, grid) for n in (height, width)]
     pad = [(0, 0), *((0, max(0, t.stop - n)) for t, n in zip(tiles, (height, width), strict=True))]
     planes = np.pad(images[:, 0].numpy(), pad, mode="reflect")  # as the volume reader pads
-    probs = predictor.predict(planes, *tiles, (0, height), (0, width))[:, 1]
-    net.train(was_training)
+    with eval_mode(net):
+        probs = predictor.predict(planes, *tiles, (0, height), (0, width))[:, 1]
     probs = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7)
     return torch.log(probs / (1 - probs))
 
 
 def tiled_against_whole(
-    net: nn.Module, images: torch.Tensor, masks: torch.Tensor, tile: int = 256, overlap: int = 64
+    net: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    tile: int = 256,
+    overlap: int = 64,
+    whole: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Tiled prediction's IoU, and how far its probabilities are from whole-slice prediction."""
-    was_training = net.training
-    whole = mito_logits(net.eval(), images)
-    net.train(was_training)
+    """Tiled prediction's IoU, and how far its probabilities are from whole-slice prediction.
+
+    ``whole``: the whole-slice :func:`mito_logits` in eval mode, when the caller has them.
+    """
+    if whole is None:
+        with eval_mode(net):
+            whole = mito_logits(net, images)
     tiled = tiled_mito_logits(net, images, tile, overlap)
     difference = (tiled.sigmoid() - whole.sigmoid()).abs()
     return {
@@ -92,9 +110,8 @@ def _batch_norms(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 def diagnose(net: nn.Module, val: tuple, train: tuple) -> dict[str, float]:
     """The ``--diagnose`` columns for one network; ``net`` itself is left as it was."""
-    was_training = net.training
-    logits = mito_logits(net.eval(), val[0])
-    net.train(was_training)
+    with eval_mode(net):
+        logits = mito_logits(net, val[0])
     threshold, threshold_iou = threshold_sweep(logits, val[1])
     row = {
         "train_iou": mito_iou(net, *train),

@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from curve_diagnosis import mask_iou, mito_logits, tiled_mito_logits
+from curve_diagnosis import eval_mode, mask_iou, mito_logits, tiled_against_whole
 from time_to_accuracy import DEFAULT_DATA, TRAIN_Z, load_validation
 
 TILES = (256, 384, 512)
 
 
-def per_sample_norms(net: nn.Module) -> list[nn.InstanceNorm2d]:
+def instance_norms(net: nn.Module) -> list[nn.InstanceNorm2d]:
     return [m for m in net.modules() if isinstance(m, nn.InstanceNorm2d)]
 
 
@@ -41,7 +41,7 @@ def per_sample_norms(net: nn.Module) -> list[nn.InstanceNorm2d]:
 def freeze_instance_statistics(net: nn.Module, images: torch.Tensor, tile: int = 256) -> nn.Module:
     """A copy of ``net`` whose InstanceNorms use the mean statistics of ``images``' tiles."""
     frozen = copy.deepcopy(net).eval()
-    for norm in per_sample_norms(frozen):
+    for norm in instance_norms(frozen):
         norm.track_running_stats = True
         norm.momentum = None  # a cumulative average over every forward call
         norm.register_buffer("running_mean", torch.zeros(norm.num_features))
@@ -57,20 +57,20 @@ def freeze_instance_statistics(net: nn.Module, images: torch.Tensor, tile: int =
 
 
 def measure(net: nn.Module, images: torch.Tensor, masks: torch.Tensor, name: str) -> list[dict]:
-    whole = mito_logits(net.eval(), images)
+    with eval_mode(net):
+        whole = mito_logits(net, images)
     rows = [
         {"network": name, "prediction": "whole slice", "iou": round(mask_iou(whole > 0, masks), 4)}
     ]
     for tile in TILES:
-        tiled = tiled_mito_logits(net, images, tile=tile, overlap=64)
-        difference = (tiled.sigmoid() - whole.sigmoid()).abs()
+        seams = tiled_against_whole(net, images, masks, tile, overlap=64, whole=whole)
         rows.append(
             {
                 "network": name,
                 "prediction": f"tiles {tile}, overlap 64",
-                "iou": round(mask_iou(tiled > 0, masks), 4),
-                "mean_abs_prob_diff": round(float(difference.mean()), 5),
-                "pixels_flipped": round(float(((tiled > 0) != (whole > 0)).float().mean()), 5),
+                "iou": seams["tiled_iou"],
+                "mean_abs_prob_diff": seams["mean_abs_prob_diff"],
+                "pixels_flipped": seams["flipped_pixels"],
             }
         )
         print(rows[-1], flush=True)
@@ -92,7 +92,7 @@ def main() -> None:
     net = load_model(args.checkpoint).net
     images, masks = load_validation(args.data)
     rows = measure(net, images, masks, "as trained")
-    if per_sample_norms(net):
+    if instance_norms(net):
         train_images, _ = load_validation(args.data, TRAIN_Z, step=13)
         frozen = freeze_instance_statistics(net, train_images)
         rows += measure(frozen, images, masks, "frozen statistics")

@@ -39,7 +39,6 @@ by its own statistics.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import sys
 import tempfile
@@ -57,7 +56,15 @@ from lightning.pytorch.trainer.states import RunningStage
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from curve_diagnosis import diagnose, mito_iou, tiled_against_whole
+from curve_diagnosis import (
+    diagnose,
+    eval_mode,
+    mask_iou,
+    mito_iou,
+    mito_logits,
+    tiled_against_whole,
+)
+from tta_report import plot, summary_table, write_curves
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lucchi_train.zarr"
 TRAIN_Z, VAL_Z = (0, 132), (132, 165)
@@ -212,37 +219,6 @@ def train_one(
     return clock.curve, module.net  # EMA: copied into the module when training ended
 
 
-def first_reaching(curve: list[dict], target: float) -> float | None:
-    return next((row["train_s"] for row in curve if row["val_iou"] >= target), None)
-
-
-def plot(curves: dict[str, list[dict]], target: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, curve in curves.items():
-        ax.plot(
-            [r["train_s"] / 60 for r in curve],
-            [r["val_iou"] for r in curve],
-            "o-",
-            markersize=3,
-            label=name,
-        )
-    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"IoU {target}")
-    ax.set(
-        xlabel="training wall time (min)",
-        ylabel="val mito IoU (every 8th slice)",
-        title="Lucchi, same patches, same budget, 2-core CPU",
-        ylim=(0, 1),
-    )
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -292,40 +268,16 @@ def main() -> None:
             continue
         overrides, make = runs[name]
         curves[name], net = train_one(name, overrides, make, args, quick, train_slices)
-        final[name] = mito_iou(net, *val)
+        with eval_mode(net):
+            whole = mito_logits(net, val[0])
+        final[name] = mask_iou(whole > 0, val[1])
         print(f"{name}: final IoU on all 33 validation slices {final[name]:.3f}", flush=True)
         if args.tiled:
-            tiled[name] = tiled_against_whole(net, *val)
+            tiled[name] = tiled_against_whole(net, *val, whole=whole)
             print(f"{name}: tiled prediction of the 33 slices {tiled[name]}", flush=True)
-        with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-            fields = list(dict.fromkeys(k for curve in curves.values() for r in curve for k in r))
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            for curve in curves.values():
-                writer.writerows(curve)
+        write_curves(curves, args.out.with_suffix(".csv"))
     plot(curves, args.target, args.out.with_suffix(".png"))
-    lines = [
-        f"| model | patches in {args.minutes:g} min | time to IoU {args.target} | best IoU "
-        "(every 8th slice) | largest drop after 0.70 | final IoU (all 33 slices) |"
-        + (" final IoU, tiled prediction | mean abs prob. tiled - whole |" if tiled else ""),
-        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if tiled else ""),
-    ]
-    for name, curve in curves.items():
-        reached = first_reaching(curve, args.target)
-        when = f"{reached / 60:.1f} min" if reached is not None else "not reached"
-        values = [r["val_iou"] for r in curve]
-        start = next((i for i, v in enumerate(values) if v >= 0.70), len(values))
-        drops = [a - b for a, b in zip(values[start:], values[start + 1 :], strict=False)]
-        lines.append(
-            f"| {name} | {curve[-1]['patches']} | {when} | {max(values):.3f} "
-            f"| {max([0.0, *drops]):.3f} | {final[name]:.3f} |"
-            + (
-                f" {tiled[name]['tiled_iou']:.3f} | {tiled[name]['mean_abs_prob_diff']:.4f} |"
-                if name in tiled
-                else ""
-            )
-        )
-    table = "\n".join(lines)
+    table = summary_table(curves, final, tiled, args.minutes, args.target)
     print("\n" + table)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(f"curves: {args.out.with_suffix('.csv')}, plot: {args.out.with_suffix('.png')}")
