@@ -69,9 +69,9 @@ def summary_table(
         drops = [a - b for a, b in zip(values[start:], values[start + 1 :], strict=False)]
         row = (
             f"| {name} | {curve[-1]['patches']} | {when} | {max(values):.3f} "
-            f"| {max([0.0, *drops]):.3f} | {final[name]:.3f} |"
+            f"| {max([0.0, *drops]):.3f} | {final[name]:.4f} |"
         )
         if name in tiled:
-            row += f" {tiled[name]['tiled_iou']:.3f} | {tiled[name]['mean_abs_prob_diff']:.4f} |"
+            row += f" {tiled[name]['tiled_iou']:.4f} | {tiled[name]['mean_abs_prob_diff']:.4f} |"
         lines.append(row)
     return "\n".join(lines)

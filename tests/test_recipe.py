@@ -237,3 +237,30 @@ def test_time_to_accuracy_tiled_measure_sees_per_tile_statistics() -> None:
     assert instance.training  # left in the mode it was in
     assert differs["mean_abs_prob_diff"] > 1e-3
     assert 0.0 <= differs["tiled_iou"] <= 1.0
+
+
+def test_time_to_accuracy_stop_after_ends_training_at_an_evaluation() -> None:
+    # time_to_accuracy.py --stop-after: stop at the first evaluation past the given training
+    # time, not before it, and never while the clock is short of it.
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+    from lightning.pytorch.trainer.states import RunningStage
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from time_to_accuracy import EvaluateWithClockStopped
+
+    timer = Timer(duration={"minutes": 20})
+    trainer = SimpleNamespace(callbacks=[timer], should_stop=False)
+    net = torch.nn.Conv2d(1, 2, 1)
+    module = SimpleNamespace(net=net)
+    val = (torch.rand(1, 1, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool))
+    clock = EvaluateWithClockStopped("probe", every=30.0, val=val, stop_after=90.0)
+    batch = {"image": torch.zeros(4, 1, 8, 8)}
+    for elapsed, stops in [(31.0, False), (61.0, False), (91.0, True)]:
+        timer._start_time[RunningStage.TRAINING] = time.monotonic() - elapsed
+        clock.on_train_batch_end(trainer, module, None, batch, 0)
+        assert trainer.should_stop is stops, elapsed
+    assert [row["patches"] for row in clock.curve] == [4, 8, 12]
