@@ -8,7 +8,10 @@ hit all alike; the median of ``--repeat`` rounds of ``--tiles`` forwards counts.
 (convolutions, ``joenet.model.cost``) is compared with an fp32 matmul peak measured between the
 rounds. Run::
 
-    python benchmarks/fold_bench.py [--tiles 20] [--repeat 5] [--no-compile]
+    python benchmarks/fold_bench.py [--tiles 20] [--repeat 5] [--no-compile] [--net seed]
+
+``--net default`` (the default) is the network the default config trains (``networks.py``); with
+InstanceNorm there is no BatchNorm to fold, so its folded row is the eager network again.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from networks import NETWORKS, inference_ready
 from train_step_bench import matmul_peak
 
-from joenet.model import UNet2d
 from joenet.model.cost import count_gflops
 from joenet.model.fold import fold_batchnorms
 from joenet.predict.fast_path import inference_network
@@ -41,13 +44,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled rows")
+    parser.add_argument("--net", choices=NETWORKS, default="default", help="joenet's network")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    eager = UNet2d(channels=(32, 32, 64, 128, 256), input_norm=False)
-    eager.train()
-    for _ in range(3):  # running statistics other than 0 / 1, as a trained network has
-        eager(torch.rand(4, 1, 128, 128))
-    eager.eval()
+    eager = inference_ready(args.net)
     shape = (1, 1, args.size, args.size)
     _, names = fold_batchnorms(eager)
     nets: dict[str, tuple[Callable, torch.nn.Module]] = {
@@ -82,7 +81,7 @@ def main() -> None:
         for name, (net, _) in nets.items():
             times[name].append(_time(net, x, args.tiles))
     peak = statistics.median(peaks)
-    print(f"{len(names)} BatchNorms folded: {', '.join(names)}")
+    print(f"--net {args.net}: {len(names)} BatchNorms folded: {', '.join(names) or 'none'}")
     print(f"fp32 matmul peak {peak:.0f} GFLOP/s (median of {args.repeat}, between the rounds)")
     columns = "tiles/s | vs joenet eager | GFLOP/s | % of peak | first call s"
     print(f"| network | ms per {args.size} px tile | {columns} |")

@@ -31,9 +31,11 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from networks import net_kwargs
 from pipeline_bench import make_data, training_s
 from train_step_bench import Row, matmul_peak, measure
 
@@ -49,11 +51,12 @@ def training_steps(args: argparse.Namespace, device: torch.device) -> list[Resul
     gpu = device.type == "cuda"
     peak = matmul_peak(device, size=4096 if gpu else 1024, repeats=20 if gpu else 3, dtype=dtype)
     results = [("train step", f"matmul peak ({dtype})", f"{peak:.0f} GFLOP/s", "")]
+    default = partial(UNet2d, **net_kwargs("default"))  # what python -m joenet.train builds
     variants = [
-        Row("eager", UNet2d),
-        Row("channels_last", UNet2d, channels_last=True),
-        Row("torch.compile", UNet2d, compile=True),
-        Row("channels_last + compile", UNet2d, channels_last=True, compile=True),
+        Row("eager", default),
+        Row("channels_last", default, channels_last=True),
+        Row("torch.compile", default, compile=True),
+        Row("channels_last + compile", default, channels_last=True, compile=True),
     ]
     for batch in args.batch_sizes:
         for row in variants:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from networks import net_kwargs
 from train_step_bench import seconds_per_step, sync
 
 from joenet.data.datamodule import EMDataModule
@@ -74,7 +75,7 @@ def training_s(
 ) -> float:
     """Seconds per training step, fed by ``data`` (None: one fixed batch, no data work)."""
     torch.manual_seed(0)
-    net = UNet2d().to(device)
+    net = UNet2d(**net_kwargs("default")).to(device)  # the network the default config trains
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     criterion = BCEDiceLoss()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

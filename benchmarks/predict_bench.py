@@ -1,10 +1,11 @@
 """Prediction throughput and peak memory: joenet's local executor against MONAI's sliding window.
 
-Same model (a default ``UNet2d`` with random weights), same tile (256), same overlap (64 px, MONAI's
-fraction 0.25), Gaussian blending, fp32 on the CPU (bf16 autocast for both with ``--device
-cuda``); each tool with its default tiles per forward pass (joenet: 1 on a CPU, MONAI:
-``sw_batch_size=1``), joenet also compiled (``compile=true``, its compile timed apart), and both
-with 8. Each side runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own:
+Same model (the default config's network with random weights; ``--net seed``: the seed's), same
+tile (256), same overlap (64 px, MONAI's fraction 0.25), Gaussian blending, fp32 on the CPU
+(bf16 autocast for both with ``--device cuda``); each tool with its default tiles per forward
+pass (joenet: 1 on a CPU, MONAI: ``sw_batch_size=1``), joenet also compiled (``compile=true``,
+its compile timed apart), and both with 8. Each side runs in its own subprocess so that its
+peak RSS (``ru_maxrss``) is its own:
 
 * joenet: ``predict_volume`` from a zarr volume on disk to an OME-Zarr on disk (reads, blends,
   quantises to uint8 and writes chunk by chunk);
@@ -36,15 +37,16 @@ import numpy as np
 import torch
 
 
-def _make_inputs(directory: Path, shape: tuple[int, int, int]) -> tuple[Path, Path]:
-    """A random default UNet2d saved as a joenet checkpoint, and a random uint8 zarr volume."""
+def _make_inputs(directory: Path, shape: tuple[int, int, int], net: str) -> tuple[Path, Path]:
+    """A random ``net`` network saved as a joenet checkpoint, and a random uint8 zarr volume."""
     import lightning
     import zarr
+    from networks import net_kwargs
 
     from joenet.lit_module import SegmentationLitModule
 
     torch.manual_seed(0)
-    module = SegmentationLitModule()
+    module = SegmentationLitModule(net=net_kwargs(net))
     ckpt = directory / "random.ckpt"
     data_state = {
         "class_names": ["nuclei", "mito"],
@@ -194,7 +196,7 @@ def _run_sides(args: argparse.Namespace, sides: list[str]) -> dict[str, dict]:
     """Each side in its own subprocess, ``--repeat`` times interleaved; the fastest run counts."""
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt, volume = _make_inputs(Path(tmp), tuple(args.shape))
+        ckpt, volume = _make_inputs(Path(tmp), tuple(args.shape), args.net)
         passed = ["--tile", str(args.tile), "--overlap", str(args.overlap)]
         passed += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         passed += ["--device", args.device, "--ckpt", str(ckpt), "--volume", str(volume)]
@@ -214,7 +216,8 @@ def _report(
 ) -> None:
     voxels = int(np.prod(args.shape))
     print(
-        f"volume {tuple(args.shape)} uint8, tile {args.tile}, overlap {args.overlap}, "
+        f"--net {args.net}: volume {tuple(args.shape)} uint8, tile {args.tile}, "
+        f"overlap {args.overlap}, "
         f"{torch.get_num_threads()} torch threads; default batch: joenet 1 on a CPU, "
         "MONAI sw_batch_size=1"
     )
@@ -257,6 +260,7 @@ def main() -> None:
     parser.add_argument(
         "--pairs", default="default,compile,batch", help="which of the three comparisons to run"
     )
+    parser.add_argument("--net", choices=("default", "seed"), default="default")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)

@@ -37,3 +37,26 @@ def test_gpu_check_runs_every_part_on_a_cpu(tmp_path: Path) -> None:
         number = row["value"].split()[0].removesuffix("x")
         assert float(number) > 0, row
     assert out.with_suffix(".md").read_text().count("\n| ") == len(rows) + 1
+
+
+def test_speed_benchmarks_measure_the_network_the_default_config_trains() -> None:
+    # predict_bench, fold_bench, pipeline_bench and gpu_check build "default" from the config,
+    # so that their figures follow the default network when it changes.
+    from omegaconf import OmegaConf
+
+    from joenet.model import UNet2d
+    from tests.helpers import compose_train
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from networks import inference_ready, net_kwargs
+
+    composed = OmegaConf.to_container(compose_train([]).model.net, resolve=True)
+    assert net_kwargs("default") == composed
+    assert net_kwargs("seed") == {}
+    with pytest.raises(ValueError, match="--net must be one of default, seed"):
+        net_kwargs("small")
+    net = inference_ready("default")
+    assert not net.training
+    assert sum(p.numel() for p in net.parameters()) == sum(
+        p.numel() for p in UNet2d(**composed).parameters()
+    )

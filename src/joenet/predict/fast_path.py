@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from joenet.model.fold import fold_batchnorms
+from joenet.predict.tiling import per_sample_norm
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,32 @@ CPU_COMPILE_MIN_TILES = 1000
 _COMPILE_WORDS: dict[str, bool | str] = {"true": True, "false": False, "auto": "auto"}
 
 
+def check_switch(value: bool | str, key: str = "compile") -> bool | str:
+    """``value`` as True, False or ``"auto"``; a ``ValueError`` naming ``key`` otherwise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _COMPILE_WORDS:
+        return _COMPILE_WORDS[value.lower()]
+    raise ValueError(f"{key} must be true, false or auto, got {value!r}")
+
+
 def check_compile(compile: bool | str) -> bool | str:
     """``compile`` as True, False or ``"auto"``; a ``ValueError`` naming the key otherwise."""
-    if isinstance(compile, bool):
-        return compile
-    if isinstance(compile, str) and compile.lower() in _COMPILE_WORDS:
-        return _COMPILE_WORDS[compile.lower()]
-    raise ValueError(f"compile must be true, false or auto, got {compile!r}")
+    return check_switch(compile, "compile")
+
+
+def resolve_channels_last(channels_last: bool | str, net: nn.Module, device: torch.device) -> bool:
+    """Whether to run ``net`` in channels_last on ``device``.
+
+    ``auto``: channels_last, except for networks with per-sample norms (InstanceNorm, GroupNorm,
+    the default since) on a CPU: there it measured 0.91x per tile against 1.13x for BatchNorm
+    networks (``benchmarks/fold_bench.py``, docs/benchmarks.md); on CUDA it is what bf16 tensor
+    cores want (unmeasured here).
+    """
+    channels_last = check_switch(channels_last, "channels_last")
+    if channels_last != "auto":
+        return bool(channels_last)
+    return device.type != "cpu" or not per_sample_norm(net)
 
 
 def resolve_compile(compile: bool | str, device: torch.device, tiles: int) -> bool:
