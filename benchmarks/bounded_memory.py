@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import torch
+from networks import write_random_checkpoint
 
 SLICE = 8192
 CGROUP = Path("/sys/fs/cgroup")
@@ -92,30 +92,6 @@ def write_volume(path: Path, depth: int) -> None:
         raw[z] = rng.integers(0, 256, (SLICE, SLICE), dtype=np.uint8)
 
 
-def write_checkpoint(path: Path) -> None:
-    import lightning
-
-    from joenet.lit_module import SegmentationLitModule
-
-    torch.manual_seed(0)
-    module = SegmentationLitModule(net={"channels": [4, 8, 16], "norm": "batch"})
-    data_state = {
-        "class_names": ["nuclei", "mito"],
-        "patch_size": 256,
-        "voxel_size_nm": [8, 8, 8],
-        "normalization": {"kind": "dtype_range"},
-    }
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": lightning.__version__,
-            "EMDataModule": data_state,
-        },
-        path,
-    )
-
-
 def predict_capped(ckpt: Path, volume: Path, output: Path, limit: int) -> dict:
     """``python -m joenet.predict`` in a capped child: seconds, peak RSS and cgroup peak."""
     cap = MemoryCap(limit)
@@ -172,7 +148,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         ckpt = Path(tmp) / "small.ckpt"
-        write_checkpoint(ckpt)
+        write_random_checkpoint(ckpt, {"channels": [4, 8, 16], "norm": "batch"})
         for z in (depth // 8, depth):
             volume, output = Path(tmp) / f"volume_{z}.zarr", Path(tmp) / f"pred_{z}.zarr"
             started = time.perf_counter()

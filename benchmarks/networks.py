@@ -8,6 +8,7 @@ defaults, the seed's literal 32-64-128-256 with BatchNorm.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,3 +39,27 @@ def inference_ready(kind: str, seed: int = 0) -> UNet2d:
         for _ in range(3):
             net(torch.rand(4, 1, 128, 128))
     return net.eval()
+
+
+def write_random_checkpoint(path: Path, net: dict[str, Any]) -> None:
+    """A joenet checkpoint of ``UNet2d(**net)`` with random weights, loadable by prediction:
+    what ``EMDataModule.state_dict()`` saves in a real one (classes, patch, voxel size, norm)."""
+    import lightning
+
+    from joenet.lit_module import SegmentationLitModule
+
+    torch.manual_seed(0)
+    module = SegmentationLitModule(net=net)
+    data_state = {
+        "class_names": ["nuclei", "mito"],
+        "patch_size": 256,
+        "voxel_size_nm": [8, 8, 8],
+        "normalization": {"kind": "dtype_range"},
+    }
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+        "EMDataModule": data_state,
+    }
+    torch.save(checkpoint, path)

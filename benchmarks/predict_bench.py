@@ -39,28 +39,11 @@ import torch
 
 def _make_inputs(directory: Path, shape: tuple[int, int, int], net: str) -> tuple[Path, Path]:
     """A random ``net`` network saved as a joenet checkpoint, and a random uint8 zarr volume."""
-    import lightning
     import zarr
-    from networks import net_kwargs
+    from networks import net_kwargs, write_random_checkpoint
 
-    from joenet.lit_module import SegmentationLitModule
-
-    torch.manual_seed(0)
-    module = SegmentationLitModule(net=net_kwargs(net))
     ckpt = directory / "random.ckpt"
-    data_state = {
-        "class_names": ["nuclei", "mito"],
-        "patch_size": 256,
-        "voxel_size_nm": [8, 8, 8],
-        "normalization": {"kind": "dtype_range"},
-    }
-    checkpoint = {
-        "state_dict": module.state_dict(),
-        "hyper_parameters": dict(module.hparams),
-        "pytorch-lightning_version": lightning.__version__,
-        "EMDataModule": data_state,  # what EMDataModule.state_dict() saves in a real checkpoint
-    }
-    torch.save(checkpoint, ckpt)
+    write_random_checkpoint(ckpt, net_kwargs(net))
     volume = directory / "volume.zarr"
     group = zarr.open_group(str(volume), mode="w")
     group.attrs["voxel_size_nm"] = [8, 8, 8]

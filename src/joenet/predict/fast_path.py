@@ -34,7 +34,7 @@ CPU_COMPILE_MIN_TILES = 1000
 _COMPILE_WORDS: dict[str, bool | str] = {"true": True, "false": False, "auto": "auto"}
 
 
-def check_switch(value: bool | str, key: str = "compile") -> bool | str:
+def check_switch(value: bool | str, key: str) -> bool | str:
     """``value`` as True, False or ``"auto"``; a ``ValueError`` naming ``key`` otherwise."""
     if isinstance(value, bool):
         return value
