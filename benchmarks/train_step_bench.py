@@ -1,7 +1,9 @@
 """Training and inference speed of joenet's U-Net against MONAI's BasicUNet and torch-em's UNet2d.
 
 Run: ``python benchmarks/train_step_bench.py [--batch-size 16] [--patch-size 256] [--steps 2]``
-(``--quick`` leaves out the joenet variants that only explain the default).
+(``--quick`` leaves out the joenet variants that only explain the default; ``--net seed``
+measures the seed's 32-64-128-256 BatchNorm network instead of the default config's, see
+``benchmarks/networks.py``).
 
 Every row gets the same batches, loss (joenet's BCE + Dice), AdamW and precision (fp32 on a
 CPU, bf16 autocast on a GPU). Printed per row: patches/s of a training step (forward, loss,
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from networks import NETWORKS, net_kwargs
 from torch import nn
 
 from joenet.losses import BCEDiceLoss
@@ -142,17 +145,25 @@ def torch_em_unet2d() -> type[nn.Module]:
     return module.UNet2d
 
 
-def rows(quick: bool, micro_batch: int) -> list[Row]:
+def rows(quick: bool, micro_batch: int, net: str = "default") -> list[Row]:
     joenet = "joenet UNet2d"
-    table = [Row(joenet, UNet2d), Row(f"{joenet}, micro-batch {micro_batch}", UNet2d, micro_batch)]
+    kwargs = net_kwargs(net)
+
+    def joenet_net() -> nn.Module:
+        return UNet2d(**kwargs)
+
+    table = [
+        Row(joenet, joenet_net),
+        Row(f"{joenet}, micro-batch {micro_batch}", joenet_net, micro_batch),
+    ]
     if not quick:
         table += [
-            Row(f"{joenet}, foreach AdamW", UNet2d, fused=False),
-            Row(f"{joenet}, channels_last", UNet2d, channels_last=True),
-            Row(f"{joenet}, torch.compile", UNet2d, compile=True),
+            Row(f"{joenet}, foreach AdamW", joenet_net, fused=False),
+            Row(f"{joenet}, channels_last", joenet_net, channels_last=True),
+            Row(f"{joenet}, torch.compile", joenet_net, compile=True),
             Row(
                 f"{joenet}, micro-batch {micro_batch}, torch.compile",
-                UNet2d,
+                joenet_net,
                 micro_batch,
                 compile=True,
             ),
@@ -196,6 +207,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="only the defaults and the peers")
+    parser.add_argument("--net", choices=NETWORKS, default="default", help="joenet's network")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = matmul_peak(device)
@@ -203,10 +215,11 @@ def main() -> None:
     print(
         f"{device} ({where or platform.machine()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s; "
-        f"batch {args.batch_size}, {args.patch_size} px, {args.steps} timed steps"
+        f"batch {args.batch_size}, {args.patch_size} px, {args.steps} timed steps; "
+        f"joenet: --net {args.net}"
     )
     results = {}
-    for row in rows(args.quick, args.micro_batch):
+    for row in rows(args.quick, args.micro_batch, args.net):
         results[row.name] = measure(row, args.batch_size, args.patch_size, args.steps, device)
         print(f"  measured {row.name}", flush=True)
     base = results["joenet UNet2d"]

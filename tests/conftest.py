@@ -23,6 +23,15 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(_threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prediction's compiled networks go to a temporary cache, not the user's ~/.cache (set in
+    the environment so that the CLI tests' subprocesses use it too)."""
+    directory = tmp_path_factory.mktemp("joenet_cache")
+    os.environ["JOENET_CACHE_DIR"] = str(directory)
+    return directory / "compiled"
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir holding the synthetic volume at the tiny shape the tiny config asks for."""

@@ -1,13 +1,14 @@
-"""The network as prediction runs it: folded BatchNorms, channels_last, and torch.compile.
+"""The network as prediction runs it: folded BatchNorms, channels_last, and compiled.
 
-Measured on this project's 2-core AVX2 CPU, batch 1, 256 px tiles, fp32 (``python
+Measured on this project's 2-core CPU, batch 1, 256 px tiles, fp32 (``python
 benchmarks/fold_bench.py``, docs/fold_bench.md): folding 1.03-1.10x, channels_last another 1.13x
-(oneDNN's blocked convolutions skip the layout reorders NCHW needs), ``torch.compile`` with
-freezing 1.54x over eager in all (weights become constants, so inductor pre-packs them and fuses
-the pointwise ops into the convolutions). Compiling costs ~20 s per process (less with a warm
-inductor cache in ``/tmp/torchinductor_<user>``), so ``compile="auto"`` compiles on a CPU only
-when the run has enough tiles to pay it back several times over. On GPUs nothing has been
-measured yet, so ``auto`` leaves them eager.
+for BatchNorm networks (0.91x for InstanceNorm ones, so ``auto`` leaves it off there), compiling
+with freezing 1.54-1.68x over eager in all (weights become constants, so inductor pre-packs them
+and fuses the pointwise ops into the convolutions). ``torch.compile`` costs 7-34 s in every
+process; on a CPU in fp32 prediction compiles ahead of time instead, into an on-disk cache
+(``compiled_cache.py``), so only a checkpoint's first run pays it. ``compile="auto"`` compiles on a
+CPU when the network is cached already, or when the run has enough tiles to pay the compile back.
+On GPUs nothing has been measured yet, so ``auto`` leaves them eager.
 
 All of these compute the same function up to float rounding (logits within 1e-4, tested), so
 none is part of an output's resume fingerprint.
@@ -18,18 +19,20 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from joenet.model.fold import fold_batchnorms
+from joenet.predict.compiled_cache import load_or_compile
 from joenet.predict.tiling import per_sample_norm
 
 log = logging.getLogger(__name__)
 
-# Compiled saves ~33-35 ms per tile against eager channels_last on a CPU (predict_bench,
-# fold_bench): 1,000 tiles (40 slices of 1024 x 1024) save ~35 s against a ~22 s cold compile
-# (less with a warm inductor cache); it breaks even near 650 tiles, and loses below.
+# Compiled saves ~80 ms per tile against eager on this CPU with the default network
+# (predict_bench, docs/benchmarks.md): 1,000 tiles (40 slices of 1024 x 1024) save ~80 s against
+# a 20-65 s first compile, which later runs then load from the cache for free.
 CPU_COMPILE_MIN_TILES = 1000
 _COMPILE_WORDS: dict[str, bool | str] = {"true": True, "false": False, "auto": "auto"}
 
@@ -62,40 +65,51 @@ def resolve_channels_last(channels_last: bool | str, net: nn.Module, device: tor
     return device.type != "cpu" or not per_sample_norm(net)
 
 
-def resolve_compile(compile: bool | str, device: torch.device, tiles: int) -> bool:
-    """Whether to compile a prediction of ``tiles`` forward passes on ``device``."""
+def resolve_compile(
+    compile: bool | str, device: torch.device, tiles: int, cached: bool = False
+) -> bool:
+    """Whether to compile a prediction of ``tiles`` forward passes on ``device``; ``cached``:
+    the network's compiled package is in the cache already (loading it is free)."""
     compile = check_compile(compile)
     if compile != "auto":
         return bool(compile)
-    return device.type == "cpu" and tiles >= CPU_COMPILE_MIN_TILES
+    return device.type == "cpu" and (cached or tiles >= CPU_COMPILE_MIN_TILES)
 
 
 class FixedShapeCompiled(nn.Module):
-    """``torch.compile`` of a network for one input shape, eager for any other.
+    """A network compiled for one input shape, eager for any other.
 
     Prediction sends tiles of one shape (a partial last batch is padded to it), so one
     compilation serves the whole run; an odd shape (a volume smaller than a tile) runs eager
-    instead of paying a recompile.
+    instead of paying a recompile. ``compiler(net, shape)`` makes the compiled callable; it runs
+    at the first call, so that a missing C++ compiler or an unexportable network (whichever
+    compiler is used) falls back to eager with one warning.
     """
 
-    def __init__(self, net: nn.Module, shape: tuple[int, int, int, int]) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        shape: tuple[int, int, int, int],
+        compiler: Callable[[nn.Module, tuple[int, int, int, int]], Callable[[Tensor], Tensor]]
+        | None = None,
+    ) -> None:
         super().__init__()
         self.net = net
         self.shape = shape
-        # Freezing folds the weights into the graph as constants: inference only, which is
-        # all prediction does (``forward_tiles`` runs under inference_mode).
-        self.compiled: Callable[[Tensor], Tensor] | None = torch.compile(
-            net, dynamic=False, options={"freezing": True}
-        )
+        self._compiler = compiler or _torch_compile
+        self.compiled: Callable[[Tensor], Tensor] | None = None
+        self._failed = False
         self._compiled_once = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.compiled is None or x.shape[1:] != self.shape[1:] or x.shape[0] > self.shape[0]:
+        if self._failed or x.shape[1:] != self.shape[1:] or x.shape[0] > self.shape[0]:
             return self.net(x)
         batch = x.shape[0]
         if batch < self.shape[0]:  # pad the last batch rather than compile a second shape
             x = torch.cat([x, x.new_zeros((self.shape[0] - batch, *x.shape[1:]))])
         try:
+            if self.compiled is None:
+                self.compiled = self._compiler(self.net, self.shape)
             out = self.compiled(x)[:batch]
         except Exception as err:
             if self._compiled_once:  # a later failure is not the compiler's: let it be seen
@@ -107,10 +121,37 @@ class FixedShapeCompiled(nn.Module):
                 type(err).__name__,
                 first_line,
             )
-            self.compiled = None
+            self._failed = True
             return self.net(x[:batch])
         self._compiled_once = True
         return out
+
+
+def _torch_compile(net: nn.Module, shape: tuple[int, int, int, int]) -> Callable[[Tensor], Tensor]:
+    # Freezing folds the weights into the graph as constants: inference only, which is all
+    # prediction does (``forward_tiles`` runs under inference_mode).
+    return torch.compile(net, dynamic=False, options={"freezing": True})
+
+
+def _cached_compiler(
+    cache_dir: Path, channels_last: bool
+) -> Callable[[nn.Module, tuple[int, int, int, int]], Callable[[Tensor], Tensor]]:
+    def compiler(net: nn.Module, shape: tuple[int, int, int, int]) -> Callable[[Tensor], Tensor]:
+        return load_or_compile(net, shape, channels_last, cache_dir)
+
+    return compiler
+
+
+def prepared_network(net: nn.Module, *, fold: bool = True, channels_last: bool = True) -> nn.Module:
+    """A copy of ``net`` in eval mode, BatchNorms folded if asked, in its memory format: what
+    is run (and compiled, and keys the compiled cache)."""
+    if fold:
+        net, names = fold_batchnorms(net)
+        log.info("%d BatchNorms folded into their convolutions", len(names))
+    else:
+        net = copy.deepcopy(net).eval()  # .to(memory_format) below works in place
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return net.to(memory_format=memory_format)
 
 
 def inference_network(
@@ -120,6 +161,7 @@ def inference_network(
     channels_last: bool = True,
     compile: bool = False,
     input_shape: tuple[int, int, int, int] | None = None,
+    compile_cache: Path | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """A callable computing ``net``'s logits for prediction, the fast way asked for.
 
@@ -127,20 +169,17 @@ def inference_network(
         net: the trained network, on its device (not modified).
         fold: fold each BatchNorm that directly follows a conv into it (``model/fold.py``).
         channels_last: run the network in channels_last memory format.
-        compile: ``torch.compile`` it with freezing for ``input_shape``.
+        compile: compile it with freezing for ``input_shape``.
         input_shape: ``(batch, 1, tile, tile)``, needed when compiling.
+        compile_cache: compile ahead of time into (or load from) this directory
+            (``compiled_cache.py``); None: ``torch.compile`` in this process.
     """
-    if fold:
-        net, names = fold_batchnorms(net)
-        log.info("%d BatchNorms folded into their convolutions", len(names))
-    else:
-        net = copy.deepcopy(net).eval()  # .to(memory_format) below works in place
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    net = net.to(memory_format=memory_format)
+    net = prepared_network(net, fold=fold, channels_last=channels_last)
     if compile:
         if input_shape is None:
             raise ValueError("compile=True needs the tiles' input_shape")
-        net = FixedShapeCompiled(net, input_shape)
+        compiler = None if compile_cache is None else _cached_compiler(compile_cache, channels_last)
+        net = FixedShapeCompiled(net, input_shape, compiler)
     if not channels_last:
         return net
 

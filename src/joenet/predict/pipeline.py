@@ -14,10 +14,12 @@ import torch
 import joenet
 from joenet.checkpoint import cached_model, resolve_device, weights_fingerprint
 from joenet.predict import checks
+from joenet.predict.compiled_cache import package_path, resolve_cache_dir
 from joenet.predict.executor import run_dask, run_local
 from joenet.predict.fast_path import (
     check_compile,
     check_switch,
+    prepared_network,
     resolve_channels_last,
     resolve_compile,
 )
@@ -30,7 +32,14 @@ from joenet.predict.tiling import (
     tile_step,
 )
 from joenet.predict.viewer_levels import update_viewer_levels
-from joenet.predict.work_units import Block, BlockJob, count_tiles, make_blocks
+from joenet.predict.work_units import (
+    Block,
+    BlockJob,
+    compile_cache_for,
+    count_tiles,
+    make_blocks,
+    tile_batch,
+)
 from joenet.predict.writer import CompletionRecord, check_output, open_output
 from joenet.volume import check_z_range
 from joenet.volume.components import label_instances
@@ -39,6 +48,20 @@ from joenet.volume.output_lock import exclusive_output
 log = logging.getLogger(__name__)
 _INSTANCES_RECORD = "instances_z_ranges"  # z ranges whose instance labels are complete
 _FINGERPRINT_KEYS = ("tile", "overlap", "blending", "tta", "threshold")
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _compiled_is_cached(job: BlockJob, net: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the network ``job`` runs on ``device`` is compiled in its cache already."""
+    cache = compile_cache_for(job, device)
+    if cache is None:
+        return False
+    ready = prepared_network(net, fold=job.fold_batchnorms, channels_last=job.channels_last)
+    shape = (tile_batch(job.batch_size, device), 1, job.tile, job.tile)
+    return package_path(ready, shape, job.channels_last, Path(cache)).exists()
 
 
 def _absolute(path: str | os.PathLike) -> str:
@@ -164,6 +187,7 @@ def predict_volume(
     fold_batchnorms: bool = True,
     channels_last: bool | str = "auto",
     compile: bool | str = "auto",
+    compile_cache: bool | str | os.PathLike | None = "auto",
     viewer_levels: bool = True,
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
@@ -206,10 +230,14 @@ def predict_volume(
         channels_last: run the network in channels_last memory format (1.13x per tile on a CPU
             for BatchNorm networks, 0.91x for InstanceNorm ones); ``auto``: channels_last except
             for per-sample-norm networks on a CPU.
-        compile: ``torch.compile`` the network with freezing (1.54x per tile on a CPU with the
-            rest, ~20 s to compile); ``auto`` compiles on a CPU from 1,000 tiles to predict.
-            Both are float rounding only (not part of the resume fingerprint); see
-            ``predict/fast_path.py``.
+        compile: compile the network with freezing (1.5-1.7x per tile on a CPU); ``auto``
+            compiles on a CPU from 1,000 tiles to predict, or at once when the compiled
+            network is in ``compile_cache`` already. Both are float rounding only (not part of
+            the resume fingerprint); see ``predict/fast_path.py``.
+        compile_cache: where CPU fp32 prediction keeps networks compiled ahead of time
+            (``predict/compiled_cache.py``: ~65 s to compile once, ~10 ms to load in later
+            runs): ``auto`` (``$JOENET_CACHE_DIR``, else ``~/.cache/joenet``), a directory, or
+            false (``torch.compile`` in each run instead, ~7-34 s each time).
         viewer_levels: also write scale levels of every array (``<class>_s1``, ...) and the
             label arrays as NGFF label images under ``labels/`` (``predict/viewer_levels.py``),
             so napari and neuroglancer open the output smoothly.
@@ -259,6 +287,7 @@ def predict_volume(
             normalization=_hashable(normalization),
             fold_batchnorms=bool(fold_batchnorms),
             channels_last=resolve_channels_last(channels_last, model.net, torch_device),
+            compile_cache=_str_or_none(resolve_cache_dir(compile_cache)),
             grid=grid,
         )
         arrays = {name: "uint8" for name in job.class_names}
@@ -285,7 +314,10 @@ def predict_volume(
         if check_free_space:
             checks.check_free_space(str(output), pending, arrays)
         tiles = count_tiles(job, image.shape, pending)
-        job = dataclasses.replace(job, compile=resolve_compile(compile, torch_device, tiles))
+        cached = _compiled_is_cached(job, model.net, torch_device)
+        job = dataclasses.replace(
+            job, compile=resolve_compile(compile, torch_device, tiles, cached)
+        )
         log.info("%d tiles to predict, %s", tiles, "compiled" if job.compile else "eager")
         if executor == "dask":
             run_dask(job, pending, len(blocks), n_workers, scheduler_address, progress)

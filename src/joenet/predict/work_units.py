@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor
 from joenet.checkpoint import cached_model, resolve_device
 from joenet.predict.fast_path import inference_network
 from joenet.predict.input_image import InputImage, open_input
-from joenet.predict.tiling import STEP, AxisTiles, PlanePredictor, plan_axis
+from joenet.predict.tiling import STEP, AxisTiles, PlanePredictor, autocast_dtype, plan_axis
 
 Range = tuple[int, int]
 # plane -> (axis across the planes, first in-plane axis, second in-plane axis), as (z, y, x) = 0..2
@@ -51,7 +52,8 @@ class BlockJob:
     normalization: tuple[tuple[str, object], ...]  # the checkpoint's, as sorted items (hashable)
     fold_batchnorms: bool = True  # BatchNorms after convs folded into them (model/fold.py)
     channels_last: bool = True  # the network in channels_last memory format (fast_path.py)
-    compile: bool = False  # torch.compile with freezing, resolved from "auto" by the client
+    compile: bool = False  # compiled with freezing, resolved from "auto" by the client
+    compile_cache: str | None = None  # compiled_cache.py's directory; None: torch.compile
     grid: int = STEP  # tile origins are multiples of this: tiling.tile_step of the network
 
 
@@ -205,6 +207,7 @@ def _network(
     channels_last: bool,
     compile: bool,
     input_shape: tuple[int, int, int, int],
+    compile_cache: str | None,
 ) -> Callable[[Tensor], Tensor]:
     """The inference form of a checkpoint's network, made (and compiled) once per process."""
     return inference_network(
@@ -213,7 +216,25 @@ def _network(
         channels_last=channels_last,
         compile=compile,
         input_shape=input_shape,
+        compile_cache=None if compile_cache is None else Path(compile_cache),
     )
+
+
+def tile_batch(batch_size: int | None, device: torch.device) -> int:
+    """Tiles per forward pass: ``batch_size``, else 8 on a GPU and 1 on a CPU.
+
+    CPUs predict a 256 px tile faster alone than in a batch of 8 (0.22-0.25 s against
+    0.38-0.48 s per tile on 2 AVX2 cores: activations stay in cache); GPUs want batches.
+    """
+    return batch_size or (8 if device.type == "cuda" else 1)
+
+
+def compile_cache_for(job: BlockJob, device: torch.device) -> str | None:
+    """The compiled cache ``job`` may use on ``device``: CPUs in fp32 only. An ahead-of-time
+    package is a plain fp32 graph, blind to the autocast that bf16/fp16 prediction runs under,
+    so those (and GPUs, unmeasured) compile in-process instead."""
+    fp32 = autocast_dtype(job.precision, device) is None
+    return job.compile_cache if device.type == "cpu" and fp32 else None
 
 
 @cache
@@ -224,12 +245,11 @@ def make_predictor(job: BlockJob) -> PlanePredictor:
     on a GPU node uses its GPU even when the client that submitted the job has none.
     """
     device = resolve_device(job.device)
-    # CPUs predict a 256 px tile faster alone than in a batch of 8 (0.22-0.25 s against
-    # 0.38-0.48 s per tile on 2 AVX2 cores: activations stay in cache); GPUs want batches.
-    batch_size = job.batch_size or (8 if device.type == "cuda" else 1)
+    batch_size = tile_batch(job.batch_size, device)
     shape = (batch_size, 1, job.tile, job.tile)
+    cache = compile_cache_for(job, device)
     net = _network(
-        job.ckpt_path, device, job.fold_batchnorms, job.channels_last, job.compile, shape
+        job.ckpt_path, device, job.fold_batchnorms, job.channels_last, job.compile, shape, cache
     )
     return PlanePredictor(
         net,
