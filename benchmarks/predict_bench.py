@@ -112,7 +112,7 @@ def _run_joenet(
             command.append(f"batch_size={batch_size}")
         subprocess.run(command, check=True, capture_output=True, cwd=tempfile.mkdtemp())
         compile_s = time.perf_counter() - start
-        options["compile"] = "auto"  # which picks the package up, however few the tiles
+        options["compile"] = "auto"  # which picks the package up from CPU_CACHED_MIN_TILES (100)
     if compile == "true":  # compile in a one-slice run first; the network is kept for the next
         start = time.perf_counter()
         predict_volume(

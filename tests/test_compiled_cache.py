@@ -11,7 +11,7 @@ import pytest
 import torch
 import zarr
 
-from joenet.predict import predict_volume
+from joenet.predict import fast_path, predict_volume
 from joenet.predict import work_units as block_ops
 from joenet.predict.compiled_cache import (
     default_cache_dir,
@@ -19,7 +19,12 @@ from joenet.predict.compiled_cache import (
     package_path,
     resolve_cache_dir,
 )
-from joenet.predict.fast_path import prepared_network, resolve_compile
+from joenet.predict.fast_path import (
+    CPU_CACHED_MIN_TILES,
+    CPU_COMPILE_MIN_TILES,
+    prepared_network,
+    resolve_compile,
+)
 from tests.test_predict import FAST
 from tests.test_tiling import _random_bn_net
 
@@ -117,11 +122,14 @@ def test_cache_dir_switch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert resolve_cache_dir(str(tmp_path / "mine")) == tmp_path / "mine"
 
 
-def test_compile_auto_is_free_once_the_network_is_cached() -> None:
+def test_compile_auto_needs_fewer_tiles_once_the_network_is_cached() -> None:
+    # A cached package costs only its ~6 s load, paid back from ~75 tiles; a compile 20-65 s.
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert resolve_compile("auto", cpu, 1, cached=True)
-    assert not resolve_compile("auto", cpu, 1, cached=False)
-    assert not resolve_compile("auto", gpu, 1, cached=True)
+    assert CPU_CACHED_MIN_TILES < CPU_COMPILE_MIN_TILES
+    assert resolve_compile("auto", cpu, CPU_CACHED_MIN_TILES, cached=True)
+    assert not resolve_compile("auto", cpu, CPU_CACHED_MIN_TILES - 1, cached=True)
+    assert not resolve_compile("auto", cpu, CPU_CACHED_MIN_TILES, cached=False)
+    assert not resolve_compile("auto", gpu, 10**6, cached=True)
     assert not resolve_compile(False, cpu, 10**6, cached=True)
 
 
@@ -131,6 +139,7 @@ def test_a_second_prediction_loads_the_network_compiled_by_the_first(
     tmp_path: Path,
     compiled_cache_dir: Path,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # 64 px tiles: the tiny volume (96 px) is smaller than a 256 px tile, which runs eager.
     options = {"z_range": [0, 2], "tile": 64, "overlap": 32, **FAST}
@@ -139,13 +148,19 @@ def test_a_second_prediction_loads_the_network_compiled_by_the_first(
         first = predict_volume(ckpt_path, volume_path, tmp_path / "a.zarr", compile=True, **options)
     packages = sorted(compiled_cache_dir.glob("*.pt2"))
     assert packages  # compiled into the test session's cache (or loaded from it)
-    caplog.clear()
     block_ops._network.cache_clear()  # as in a new process: nothing compiled in memory
     block_ops.make_predictor.cache_clear()
+    # auto, 8 tiles: the cached threshold scaled to this run; one tile short of it stays eager
+    monkeypatch.setattr(fast_path, "CPU_CACHED_MIN_TILES", 9)
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="joenet"):
-        # auto, 8 tiles: far fewer than a compile pays for, but the package is cached
+        predict_volume(ckpt_path, volume_path, tmp_path / "c.zarr", **options)
+    assert "8 tiles to predict, eager" in caplog.text
+    monkeypatch.setattr(fast_path, "CPU_CACHED_MIN_TILES", 8)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="joenet"):
         second = predict_volume(ckpt_path, volume_path, tmp_path / "b.zarr", **options)
-    assert "tiles to predict, compiled" in caplog.text
+    assert "8 tiles to predict, compiled" in caplog.text
     assert "compiled network loaded from" in caplog.text
     assert sorted(compiled_cache_dir.glob("*.pt2")) == packages  # nothing compiled again
     ours = zarr.open_group(str(eager), mode="r")

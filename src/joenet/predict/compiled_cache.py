@@ -4,8 +4,9 @@
 inductor cache does not cover frozen graphs), so on a short prediction it costs more than it
 saves. AOTInductor (``torch.export`` then ``torch._inductor.aoti_compile_and_package``, the
 documented ahead-of-time path) writes the compiled network, weights frozen in, to one ``.pt2``
-file; loading it takes ~10 ms. Measured on the default network, 256 px tiles, batch 1, 2 AVX-512
-cores: compile ~65 s once, then ~90 ms per tile against ~150 ms eager, logits within 1e-5.
+file. Measured on the default network, 256 px tiles, batch 1, 2 AVX-512 cores: compile 20-65 s
+once; a new process then pays ~6 s to import inductor (2.5 s) and load the package (3.4 s), and
+runs ~80 ms faster per tile than eager (logits within 1e-5).
 
 A package is only valid for the exact weights, architecture, input shape, memory format, torch
 version and CPU instruction set it was compiled for, so all of them are in its file name: a

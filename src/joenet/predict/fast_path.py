@@ -7,7 +7,7 @@ with freezing 1.54-1.68x over eager in all (weights become constants, so inducto
 and fuses the pointwise ops into the convolutions). ``torch.compile`` costs 7-34 s in every
 process; on a CPU in fp32 prediction compiles ahead of time instead, into an on-disk cache
 (``compiled_cache.py``), so only a checkpoint's first run pays it. ``compile="auto"`` compiles on a
-CPU when the network is cached already, or when the run has enough tiles to pay the compile back.
+CPU when the run has enough tiles to pay back the compile, or the load of a cached one.
 On GPUs nothing has been measured yet, so ``auto`` leaves them eager.
 
 All of these compute the same function up to float rounding (logits within 1e-4, tested), so
@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 
 # Compiled saves ~80 ms per tile against eager on this CPU with the default network
 # (predict_bench, docs/benchmarks.md): 1,000 tiles (40 slices of 1024 x 1024) save ~80 s against
-# a 20-65 s first compile, which later runs then load from the cache for free.
+# a 20-65 s first compile, which later runs load from the cache in ~6 s.
 CPU_COMPILE_MIN_TILES = 1000
+# With the package cached, a run pays only its ~6 s load (inductor's import and the package):
+# paid back from ~75 tiles; at 100 tiles it measured 14.9 s against 19.6 eager (predict_bench).
+CPU_CACHED_MIN_TILES = 100
 _COMPILE_WORDS: dict[str, bool | str] = {"true": True, "false": False, "auto": "auto"}
 
 
@@ -69,11 +72,13 @@ def resolve_compile(
     compile: bool | str, device: torch.device, tiles: int, cached: bool = False
 ) -> bool:
     """Whether to compile a prediction of ``tiles`` forward passes on ``device``; ``cached``:
-    the network's compiled package is in the cache already (loading it is free)."""
+    the network's compiled package is in the cache already (only its load to pay)."""
     compile = check_compile(compile)
     if compile != "auto":
         return bool(compile)
-    return device.type == "cpu" and (cached or tiles >= CPU_COMPILE_MIN_TILES)
+    return device.type == "cpu" and tiles >= (
+        CPU_CACHED_MIN_TILES if cached else CPU_COMPILE_MIN_TILES
+    )
 
 
 class FixedShapeCompiled(nn.Module):

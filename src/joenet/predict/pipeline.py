@@ -9,21 +9,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
-import joenet
-from joenet.checkpoint import cached_model, resolve_device, weights_fingerprint
+from joenet.checkpoint import cached_model, resolve_device
 from joenet.predict import checks
-from joenet.predict.compiled_cache import package_path, resolve_cache_dir
+from joenet.predict.compiled_cache import resolve_cache_dir
 from joenet.predict.executor import run_dask, run_local
 from joenet.predict.fast_path import (
     check_compile,
     check_switch,
-    prepared_network,
     resolve_channels_last,
     resolve_compile,
 )
 from joenet.predict.input_image import InputImage, open_input
+from joenet.predict.output_identity import output_attrs, output_fingerprint
 from joenet.predict.tiling import (
     autocast_dtype,
     check_tiling,
@@ -35,10 +32,9 @@ from joenet.predict.viewer_levels import update_viewer_levels
 from joenet.predict.work_units import (
     Block,
     BlockJob,
-    compile_cache_for,
+    compiled_is_cached,
     count_tiles,
     make_blocks,
-    tile_batch,
 )
 from joenet.predict.writer import CompletionRecord, check_output, open_output
 from joenet.volume import check_z_range
@@ -47,21 +43,6 @@ from joenet.volume.output_lock import exclusive_output
 
 log = logging.getLogger(__name__)
 _INSTANCES_RECORD = "instances_z_ranges"  # z ranges whose instance labels are complete
-_FINGERPRINT_KEYS = ("tile", "overlap", "blending", "tta", "threshold")
-
-
-def _str_or_none(path: Path | None) -> str | None:
-    return None if path is None else str(path)
-
-
-def _compiled_is_cached(job: BlockJob, net: torch.nn.Module, device: torch.device) -> bool:
-    """Whether the network ``job`` runs on ``device`` is compiled in its cache already."""
-    cache = compile_cache_for(job, device)
-    if cache is None:
-        return False
-    ready = prepared_network(net, fold=job.fold_batchnorms, channels_last=job.channels_last)
-    shape = (tile_batch(job.batch_size, device), 1, job.tile, job.tile)
-    return package_path(ready, shape, job.channels_last, Path(cache)).exists()
 
 
 def _absolute(path: str | os.PathLike) -> str:
@@ -110,56 +91,6 @@ def _label_instances(group: Any, record: CompletionRecord, job: BlockJob, change
         count = label_instances(group[name], group[f"{name}_instances"], cut, job.z_range)
         log.info("%s: %d instances", name, count)
     record.update_attrs({_INSTANCES_RECORD: [*labelled, z_range]})
-
-
-def _output_attrs(
-    job: BlockJob,
-    input: str | os.PathLike,
-    config: Mapping[str, Any] | None,
-    voxel_size: Sequence[float] | None,
-    fingerprint: dict[str, Any],
-) -> dict[str, Any]:
-    """The output group's ``joenet`` attributes: what made it, and what a rerun must match."""
-    return {
-        "checkpoint": job.ckpt_path,
-        "version": joenet.__version__,
-        "input": str(input),
-        "config": dict(config or {}),
-        "class_names": list(job.class_names),
-        "values": "mask 0/1" if job.threshold is not None else "probability x 255",
-        "voxel_size_nm": voxel_size,
-        "fingerprint": fingerprint,
-    }
-
-
-def _fingerprint(
-    job: BlockJob,
-    net: torch.nn.Module,
-    image: InputImage,
-    normalization: Mapping[str, Any],
-    compute_dtype: torch.dtype | None,
-    arrays: Mapping[str, str],
-    block_size: int,
-) -> dict[str, Any]:
-    """What must match for a rerun to resume an output.
-
-    ``z_range`` may differ (it picks blocks); ``batch_size`` and the executor change the order
-    of work, not the values. The weights count by content: a model retrained into the same path
-    must not finish another model's output.
-    """
-    return {
-        "weights": weights_fingerprint(net),
-        "input": job.input_path,
-        "shape": list(image.shape),
-        "chunks": list(image.chunks),
-        "normalization": dict(normalization),
-        "precision": str(compute_dtype or torch.float32).removeprefix("torch."),
-        "arrays": dict(arrays),
-        **{key: getattr(job, key) for key in _FINGERPRINT_KEYS},
-        "planes": list(job.planes),
-        "block_size": block_size,
-        "version": joenet.__version__,
-    }
 
 
 def predict_volume(
@@ -230,14 +161,12 @@ def predict_volume(
         channels_last: run the network in channels_last memory format (1.13x per tile on a CPU
             for BatchNorm networks, 0.91x for InstanceNorm ones); ``auto``: channels_last except
             for per-sample-norm networks on a CPU.
-        compile: compile the network with freezing (1.5-1.7x per tile on a CPU); ``auto``
-            compiles on a CPU from 1,000 tiles to predict, or at once when the compiled
-            network is in ``compile_cache`` already. Both are float rounding only (not part of
-            the resume fingerprint); see ``predict/fast_path.py``.
+        compile: compile the network with freezing (1.5-1.7x per tile on a CPU); ``auto``: on
+            a CPU from 1,000 tiles, from 100 when it is in ``compile_cache`` (float rounding
+            only, not part of the resume fingerprint; ``predict/fast_path.py``).
         compile_cache: where CPU fp32 prediction keeps networks compiled ahead of time
-            (``predict/compiled_cache.py``: ~65 s to compile once, ~10 ms to load in later
-            runs): ``auto`` (``$JOENET_CACHE_DIR``, else ``~/.cache/joenet``), a directory, or
-            false (``torch.compile`` in each run instead, ~7-34 s each time).
+            (``predict/compiled_cache.py``): ``auto`` (``$JOENET_CACHE_DIR``, else
+            ``~/.cache/joenet``), a directory, or false (``torch.compile`` in each run).
         viewer_levels: also write scale levels of every array (``<class>_s1``, ...) and the
             label arrays as NGFF label images under ``labels/`` (``predict/viewer_levels.py``),
             so napari and neuroglancer open the output smoothly.
@@ -255,6 +184,7 @@ def predict_volume(
     compute_dtype = autocast_dtype(precision, torch_device)  # validates it before any work
     compile = check_compile(compile)
     check_switch(channels_last, "channels_last")
+    cache_dir = resolve_cache_dir(compile_cache)
     image = open_input(input)
     check_output(output, input)  # before anything is written, the lock file included
     with exclusive_output(output, "joenet.predict"):
@@ -287,16 +217,16 @@ def predict_volume(
             normalization=_hashable(normalization),
             fold_batchnorms=bool(fold_batchnorms),
             channels_last=resolve_channels_last(channels_last, model.net, torch_device),
-            compile_cache=_str_or_none(resolve_cache_dir(compile_cache)),
+            compile_cache=None if cache_dir is None else str(cache_dir),
             grid=grid,
         )
         arrays = {name: "uint8" for name in job.class_names}
         if instances:
             arrays |= {f"{name}_instances": "uint32" for name in job.class_names}
-        fingerprint = _fingerprint(
+        fingerprint = output_fingerprint(
             job, model.net, image, normalization, compute_dtype, arrays, block_size
         )
-        attrs = _output_attrs(job, input, config, voxel_size, fingerprint)
+        attrs = output_attrs(job, input, config, voxel_size, fingerprint)
         group = open_output(
             output,
             arrays,
@@ -314,7 +244,7 @@ def predict_volume(
         if check_free_space:
             checks.check_free_space(str(output), pending, arrays)
         tiles = count_tiles(job, image.shape, pending)
-        cached = _compiled_is_cached(job, model.net, torch_device)
+        cached = compile == "auto" and compiled_is_cached(job, model.net, torch_device)
         job = dataclasses.replace(
             job, compile=resolve_compile(compile, torch_device, tiles, cached)
         )

@@ -21,7 +21,8 @@ import zarr
 from torch import Tensor
 
 from joenet.checkpoint import cached_model, resolve_device
-from joenet.predict.fast_path import inference_network
+from joenet.predict.compiled_cache import package_path
+from joenet.predict.fast_path import inference_network, prepared_network
 from joenet.predict.input_image import InputImage, open_input
 from joenet.predict.tiling import STEP, AxisTiles, PlanePredictor, autocast_dtype, plan_axis
 
@@ -235,6 +236,16 @@ def compile_cache_for(job: BlockJob, device: torch.device) -> str | None:
     so those (and GPUs, unmeasured) compile in-process instead."""
     fp32 = autocast_dtype(job.precision, device) is None
     return job.compile_cache if device.type == "cpu" and fp32 else None
+
+
+def compiled_is_cached(job: BlockJob, net: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the network ``job`` runs on ``device`` is compiled in its cache already."""
+    cache = compile_cache_for(job, device)
+    if cache is None:
+        return False
+    ready = prepared_network(net, fold=job.fold_batchnorms, channels_last=job.channels_last)
+    shape = (tile_batch(job.batch_size, device), 1, job.tile, job.tile)
+    return package_path(ready, shape, job.channels_last, Path(cache)).exists()
 
 
 @cache
