@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 # (predict_bench, docs/benchmarks.md): 1,000 tiles (40 slices of 1024 x 1024) save ~80 s against
 # a 20-65 s first compile, which later runs load from the cache in ~6 s.
 CPU_COMPILE_MIN_TILES = 1000
-# With the package cached, a run pays only its ~6 s load (inductor's import and the package):
-# paid back from ~75 tiles; at 100 tiles it measured 14.9 s against 19.6 eager (predict_bench).
+# With the package cached, a run pays ~0.01 s to load it (compiled_cache.load_package; ~6 s
+# through inductor before); 100 tiles measured 10.0 s against 14.5 eager (predict_bench). Kept at
+# 100 until smaller runs are measured.
 CPU_CACHED_MIN_TILES = 100
 _COMPILE_WORDS: dict[str, bool | str] = {"true": True, "false": False, "auto": "auto"}
 
