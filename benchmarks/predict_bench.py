@@ -101,8 +101,7 @@ def _run_joenet(
         "compile": compile,
     }
     compile_s = 0.0
-    if compile == "cached":  # an earlier process compiles into the cache; this one loads it,
-        # paying what a later run pays: importing inductor and loading the package (~6 s)
+    if compile == "cached":  # an earlier process compiles into the cache; this one loads it
         start = time.perf_counter()
         command = [sys.executable, "-m", "joenet.predict", f"ckpt_path={ckpt}"]
         command += [f"input={volume}", f"output={Path(tempfile.mkdtemp()) / 'warm.zarr'}"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,9 +178,6 @@ def test_a_package_loads_without_inductor_and_as_aoti_load_package_does(
     compiled_dir: Path,
 ) -> None:
     """The direct loader skips inductor's ~4.5 s import and load: same logits, bit for bit."""
-    import subprocess
-    import sys
-
     [package] = compiled_dir.glob("*.pt2")
     script = (
         "import sys, torch\n"

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # Compiled saves ~80 ms per tile against eager on this CPU with the default network
 # (predict_bench, docs/benchmarks.md): 1,000 tiles (40 slices of 1024 x 1024) save ~80 s against
-# a 20-65 s first compile, which later runs load from the cache in ~6 s.
+# a 20-65 s first compile, which later runs load from the cache (compiled_cache.py).
 CPU_COMPILE_MIN_TILES = 1000
 # With the package cached, a run pays ~0.01 s to load it (compiled_cache.load_package; ~6 s
 # through inductor before); 100 tiles measured 10.0 s against 14.5 eager (predict_bench). Kept at
