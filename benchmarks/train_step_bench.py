@@ -6,10 +6,12 @@ measures the seed's 32-64-128-256 BatchNorm network instead of the default confi
 ``benchmarks/networks.py``).
 
 Every row gets the same batches, loss (joenet's BCE + Dice), AdamW and precision (fp32 on a
-CPU, bf16 autocast on a GPU). Printed per row: patches/s of a training step (forward, loss,
-backward, optimizer step) and of inference, FLOPs per patch (convolutions, from
-``FlopCounterMode`` with the grouped-convolution correction of ``joenet.model.cost``), and the
-achieved GFLOP/s as a fraction of this machine's fp32 matmul peak, measured in the same run.
+CPU, bf16 autocast on a GPU); on a CPU with AMX (``--bf16 auto``) each model's eager rows run
+again under bf16 autocast, as training does there. Printed per row: patches/s of a training
+step (forward, loss, backward, optimizer step) and of inference, FLOPs per patch (convolutions,
+from ``FlopCounterMode`` with the grouped-convolution correction of ``joenet.model.cost``), and
+the achieved GFLOP/s as a fraction of this machine's matmul peak in the row's precision (fp32,
+or bf16 for the bf16 rows), measured in the same run.
 
 Rows with ``micro-batch m`` split each batch into chunks of ``m`` patches and accumulate the
 gradients (Lightning's ``accumulate_grad_batches`` does the same in training): one optimizer step
@@ -37,6 +39,7 @@ import torch
 from networks import NETWORKS, net_kwargs
 from torch import nn
 
+from joenet.config import cpu_has_bf16_matrix_units
 from joenet.losses import BCEDiceLoss
 from joenet.model import UNet2d
 from joenet.model.cost import count_gflops
@@ -50,6 +53,7 @@ class Row:
     channels_last: bool = False
     compile: bool = False
     fused: bool = True  # AdamW's fused kernel; False: the default multi-tensor one
+    bf16: bool = False  # bf16 autocast on a CPU too (on a GPU every row runs it)
 
 
 def matmul_peak(
@@ -92,7 +96,8 @@ def measure(row: Row, batch: int, patch: int, steps: int, device: torch.device) 
     net = torch.compile(model) if row.compile else model
     criterion = BCEDiceLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=row.fused)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = device.type == "cuda" or row.bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     chunk = row.micro_batch or batch
 
     def train_step() -> None:
@@ -125,6 +130,7 @@ def measure(row: Row, batch: int, patch: int, steps: int, device: torch.device) 
         "train_gflop": flops_train,
         "first_step_s": first_s,
         "params": sum(p.numel() for p in model.parameters()),
+        "bf16": bf16,
     }
 
 
@@ -145,7 +151,8 @@ def torch_em_unet2d() -> type[nn.Module]:
     return module.UNet2d
 
 
-def rows(quick: bool, micro_batch: int, net: str = "default") -> list[Row]:
+def rows(quick: bool, micro_batch: int, net: str = "default", bf16: bool = False) -> list[Row]:
+    """The table's rows; ``bf16``: each model's eager rows again under bf16 autocast (CPU)."""
     joenet = "joenet UNet2d"
     kwargs = net_kwargs(net)
 
@@ -197,6 +204,11 @@ def rows(quick: bool, micro_batch: int, net: str = "default") -> list[Row]:
             f"torch-em skipped ({type(err).__name__}: {str(err)[:100]}); "
             "pip install --no-deps torch-em"
         )
+    if bf16:  # side by side with the fp32 rows above, in the same run
+        eager = [row for row in table if not (row.compile or row.channels_last) and row.fused]
+        table += [
+            Row(f"{row.name}, bf16 autocast", row.make, row.micro_batch, bf16=True) for row in eager
+        ]
     return table
 
 
@@ -208,18 +220,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="only the defaults and the peers")
     parser.add_argument("--net", choices=NETWORKS, default="default", help="joenet's network")
+    parser.add_argument(
+        "--bf16",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="CPU rows under bf16 autocast too (auto: where the CPU has AMX, as training does)",
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16_rows = device.type == "cpu" and (
+        args.bf16 == "yes" or (args.bf16 == "auto" and cpu_has_bf16_matrix_units())
+    )
     peak = matmul_peak(device)
+    # bf16 rows are compared with the bf16 matmul peak: the ceiling of what they run on
+    bf16_peak = matmul_peak(device, dtype=torch.bfloat16) if bf16_rows else peak
     where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
     print(
         f"{device} ({where or platform.machine()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s; "
+        f"{torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s"
+        + (f", bf16 {bf16_peak:.0f}" if bf16_rows else "")
+        + "; "
         f"batch {args.batch_size}, {args.patch_size} px, {args.steps} timed steps; "
         f"joenet: --net {args.net}"
     )
     results = {}
-    for row in rows(args.quick, args.micro_batch, args.net):
+    for row in rows(args.quick, args.micro_batch, args.net, bf16_rows):
         results[row.name] = measure(row, args.batch_size, args.patch_size, args.steps, device)
         print(f"  measured {row.name}", flush=True)
     base = results["joenet UNet2d"]
@@ -229,10 +254,11 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
+        ceiling = bf16_peak if r["bf16"] and device.type == "cpu" else peak
         print(
             f"| {name} | {r['params']:,} | {r['train_gflop']:.1f} | {r['train_patches_s']:.2f} "
-            f"| {100 * r['train_gflop_s'] / peak:.0f} % | {r['infer_patches_s']:.2f} "
-            f"| {100 * r['infer_gflop_s'] / peak:.0f} % | {r['first_step_s']:.1f} "
+            f"| {100 * r['train_gflop_s'] / ceiling:.0f} % | {r['infer_patches_s']:.2f} "
+            f"| {100 * r['infer_gflop_s'] / ceiling:.0f} % | {r['first_step_s']:.1f} "
             f"| {r['train_patches_s'] / base['train_patches_s']:.2f}x |"
         )
 

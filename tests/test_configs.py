@@ -122,3 +122,27 @@ def test_each_seed_experiment_sets_what_it_names(experiment: str, tmp_path: Path
         before = OmegaConf.select(default, key)
         before = OmegaConf.to_container(before) if OmegaConf.is_config(before) else before
         assert before != value, f"{experiment} changes nothing: {key} is {value} by default"
+
+
+@pytest.mark.parametrize(
+    ("amx", "bf16", "expected"),
+    [
+        (True, True, "bf16-mixed"),
+        (False, True, "32-true"),
+        (True, False, "32-true"),
+        (False, False, "32-true"),
+    ],
+)
+def test_cpu_precision_is_bf16_only_with_amx(
+    amx: bool, bf16: bool, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 only where the CPU multiplies it in hardware: elsewhere it runs ~400x slower."""
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for trainer in ("auto", "cpu"):
+        cfg = compose_train([f"trainer={trainer}"])
+        assert cfg.trainer.precision == expected, trainer

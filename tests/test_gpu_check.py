@@ -60,3 +60,24 @@ def test_speed_benchmarks_measure_the_network_the_default_config_trains() -> Non
     assert sum(p.numel() for p in net.parameters()) == sum(
         p.numel() for p in UNet2d(**composed).parameters()
     )
+
+
+def test_train_step_bench_sets_bf16_rows_beside_fp32_ones() -> None:
+    # On a CPU with AMX training runs bf16 autocast (joenet.config.cpu_precision): the bench
+    # measures each model's eager rows both ways in one run. Tiny here, so it runs on any CPU.
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_step_bench import measure, rows
+
+    table = {row.name: row for row in rows(quick=True, micro_batch=2, bf16=True)}
+    assert table["joenet UNet2d, bf16 autocast"].bf16
+    assert table["joenet UNet2d, micro-batch 2, bf16 autocast"].micro_batch == 2
+    assert not table["joenet UNet2d"].bf16
+    if importlib.util.find_spec("monai") is not None:
+        assert table["MONAI BasicUNet, bf16 autocast"].bf16
+    cpu = torch.device("cpu")
+    fp32 = measure(table["joenet UNet2d"], batch=1, patch=32, steps=1, device=cpu)
+    bf16 = measure(table["joenet UNet2d, bf16 autocast"], batch=1, patch=32, steps=1, device=cpu)
+    assert not fp32["bf16"] and bf16["bf16"]
+    assert bf16["train_patches_s"] > 0 and bf16["train_gflop"] == pytest.approx(fp32["train_gflop"])
