@@ -53,9 +53,10 @@ def cpu_has_bf16_matrix_units() -> bool:
     """The CPU multiplies bf16 matrices in hardware (Intel AMX: Sapphire Rapids and later).
 
     Measured on such a Xeon (docs/benchmarks.md, "bf16 on a CPU with AMX"): a 2048^2 matmul at
-    583 GFLOP/s in bf16 against 186 in fp32, and the default network's training step 1.6x faster
-    under bf16 autocast. CPUs with only AVX-512 BF16 dot products (no AMX) are not measured and
-    stay fp32; on CPUs without either a bf16 matmul runs ~400x slower than fp32.
+    471 GFLOP/s in bf16 against 124 in fp32, and the default network's training step 1.96x
+    faster under bf16 autocast (micro-batches of 2). CPUs with only AVX-512 BF16 dot products
+    (no AMX) are not measured and stay fp32; on CPUs without either a bf16 matmul runs ~400x
+    slower than fp32.
     """
     # torch.cpu's checks are what inductor and oneDNN dispatch on; absent in an older torch.
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
