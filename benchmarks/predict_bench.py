@@ -1,13 +1,14 @@
 """Prediction throughput and peak memory: joenet's local executor against MONAI's sliding window.
 
 Same model (the default config's network with random weights; ``--net seed``: the seed's), same
-tile (256), same overlap (64 px, MONAI's fraction 0.25), Gaussian blending, fp32 on the CPU
-(bf16 autocast for both with ``--device cuda``); each tool with its default tiles per forward
-pass (joenet: 1 on a CPU, MONAI: ``sw_batch_size=1``), joenet also as a later run of the same
-model predicts (``compile=auto`` loading the network an earlier run compiled ahead of time into
-the on-disk cache, ``predict/compiled_cache.py``; that one-time compile shown apart), and both
-with 8. Every run starts with an empty cache of its own. Each side runs in its own subprocess
-so that its peak RSS (``ru_maxrss``) is its own:
+tile (256), same overlap (64 px, MONAI's fraction 0.25), Gaussian blending, same precision
+(``--precision``, default joenet's ``auto``: bf16 autocast for both on a CUDA GPU and on a CPU with
+AMX, fp32 on other CPUs; joenet runs a compiled bf16 network as bf16 weights); each tool with its
+default tiles per forward pass (joenet: 1 on a CPU, MONAI: ``sw_batch_size=1``), joenet also as a
+later run of the same model predicts (``compile=auto`` loading the network an earlier run compiled
+ahead of time into the on-disk cache, ``predict/compiled_cache.py``; that one-time compile shown
+apart), and both with 8. Every run starts with an empty cache of its own. Each side runs in its own
+subprocess so that its peak RSS (``ru_maxrss``) is its own:
 
 * joenet: ``predict_volume`` from a zarr volume on disk to an OME-Zarr on disk (reads, blends,
   quantises to uint8 and writes chunk by chunk);
@@ -20,6 +21,7 @@ the tool's own overhead (tiling, blending, I/O). Run::
 
     python benchmarks/predict_bench.py                      # (4, 1024, 1024) uint8
     python benchmarks/predict_bench.py --shape 8 1024 1024 --repeat 2  # longer, steadier
+    python benchmarks/predict_bench.py --precision 32,bf16  # each side in both, and their ratio
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def _run_joenet(
         "device": args.device,
         "progress": False,
         "compile": compile,
+        "precision": args.precision,
     }
     compile_s = 0.0
     if compile == "cached":  # an earlier process compiles into the cache; this one loads it
@@ -106,7 +109,7 @@ def _run_joenet(
         command = [sys.executable, "-m", "joenet.predict", f"ckpt_path={ckpt}"]
         command += [f"input={volume}", f"output={Path(tempfile.mkdtemp()) / 'warm.zarr'}"]
         command += ["z_range=[0,1]", "compile=true", "progress=false", "hydra.run.dir=."]
-        command += [f"{key}={options[key]}" for key in ("tile", "overlap", "device")]
+        command += [f"{key}={options[key]}" for key in ("tile", "overlap", "device", "precision")]
         if batch_size:
             command.append(f"batch_size={batch_size}")
         subprocess.run(command, check=True, capture_output=True, cwd=tempfile.mkdtemp())
@@ -150,12 +153,13 @@ def _run_monai(ckpt: Path, volume: Path, args: argparse.Namespace, sw_batch_size
     from monai.inferers import sliding_window_inference
 
     from joenet.lit_module import SegmentationLitModule
+    from joenet.predict.tiling import autocast_dtype
     from joenet.volume import to_unit_range
 
     device = torch.device(args.device)
     net = SegmentationLitModule.load_from_checkpoint(ckpt, weights_only=True).net.eval().to(device)
-    # As joenet's precision=auto: bf16 autocast on a GPU, fp32 on a CPU.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    dtype = autocast_dtype(args.precision, device)  # what joenet's side runs under
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     _warm_up(net)
     timer = _CallTimer(net)
     raw = zarr.open_group(str(volume), mode="r")["raw"][...]  # the whole volume in memory
@@ -181,7 +185,8 @@ def _child(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt, volume = Path(args.ckpt), Path(args.volume)
-    tool, _, batch = args.side.partition(":batch=")
+    side, _, _ = args.side.partition("@")  # its precision came as --precision
+    tool, _, batch = side.partition(":batch=")
     tool, _, compile = tool.partition("+compile=")
     if tool == "joenet":
         batch_size = None if batch == "default" else int(batch)
@@ -202,7 +207,8 @@ def _run_sides(args: argparse.Namespace, sides: list[str]) -> dict[str, dict]:
         passed += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         passed += ["--device", args.device, "--ckpt", str(ckpt), "--volume", str(volume)]
         for side in [side for _ in range(args.repeat) for side in sides]:
-            command = [sys.executable, __file__, "--side", side, *passed]
+            precision = side.partition("@")[2] or args.precision
+            command = [sys.executable, __file__, "--side", side, *passed, "--precision", precision]
             # Each run with an empty compiled cache: a side compiles what it uses, in its time.
             env = os.environ | {"JOENET_CACHE_DIR": tempfile.mkdtemp(dir=tmp)}
             done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
@@ -217,9 +223,16 @@ def _run_sides(args: argparse.Namespace, sides: list[str]) -> dict[str, dict]:
 def _report(
     args: argparse.Namespace, results: dict[str, dict], pairs: list[tuple[str, str]], load: float
 ) -> None:
+    from joenet.predict.tiling import autocast_dtype, precision_name
+
     voxels = int(np.prod(args.shape))
+    resolved = [
+        f"{p}: {precision_name(autocast_dtype(p, torch.device(args.device)))}"
+        for p in args.precision.split(",")
+    ]
     print(
         f"--net {args.net}: volume {tuple(args.shape)} uint8, tile {args.tile}, "
+        f"--precision {args.precision} (both sides; {', '.join(resolved)}), "
         f"overlap {args.overlap}, "
         f"{torch.get_num_threads()} torch threads; default batch: joenet 1 on a CPU, "
         "MONAI sw_batch_size=1"
@@ -228,11 +241,11 @@ def _report(
         f"1-min load average: {load:.2f} before, {os.getloadavg()[0]:.2f} after "
         f"({os.cpu_count()} CPUs; other processes slow both sides)"
     )
-    header = f"{'side':<36}{'s':>8}{'Mvox/s':>9}{'tiles':>7}{'forward %':>11}"
+    header = f"{'side':<44}{'s':>8}{'Mvox/s':>9}{'tiles':>7}{'forward %':>11}"
     print(f"{header}{'peak RSS MiB':>14}{'compile s':>11}")
     for side, r in results.items():
         print(
-            f"{side:<36}{r['seconds']:>8.1f}{voxels / r['seconds'] / 1e6:>9.3f}{r['tiles']:>7}"
+            f"{side:<44}{r['seconds']:>8.1f}{voxels / r['seconds'] / 1e6:>9.3f}{r['tiles']:>7}"
             f"{100 * r['forward'] / r['seconds']:>11.1f}{r['peak_rss_mib']:>14.0f}"
             f"{r['compile']:>11.1f}"
         )
@@ -243,11 +256,19 @@ def _report(
             with_compile = peer["seconds"] / (ours["seconds"] + ours["compile"])
             line += f" ({with_compile:.2f}x counting the compile once)"
         print(line)
+    ratios = {
+        f"{ours} / {peer}": results[peer]["seconds"] / results[ours]["seconds"]
+        for ours, peer in pairs
+    }
+    precisions = args.precision.split(",")
+    for fast in precisions[1:]:  # each later precision against the first, side by side
+        for side in [s.partition("@")[0] for s in results if s.endswith(f"@{precisions[0]}")]:
+            name = f"{side}@{fast} / {side}@{precisions[0]}"
+            ratios[name] = (
+                results[f"{side}@{precisions[0]}"]["seconds"] / results[f"{side}@{fast}"]["seconds"]
+            )
+            print(f"{name.replace(' / ', ' throughput / ')}: {ratios[name]:.2f}x")
     if args.json:
-        ratios = {
-            f"{ours} / {peer}": results[peer]["seconds"] / results[ours]["seconds"]
-            for ours, peer in pairs
-        }
         args.json.write_text(json.dumps({"sides": results, "ratios": ratios}, indent=2))
 
 
@@ -266,6 +287,11 @@ def main() -> None:
         help="comparisons to run, of default, compile, cached, batch",
     )
     parser.add_argument("--net", choices=("default", "seed"), default="default")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="both sides', of auto, 32, bf16; a list (32,bf16) runs every side in each, in turns",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -286,6 +312,11 @@ def main() -> None:
         "batch": (f"joenet:batch={batch}", f"monai:batch={batch}"),
     }
     pairs = [pairs[name] for name in args.pairs.split(",")]
+    precisions = args.precision.split(",")
+    if not set(precisions) <= {"auto", "32", "bf16"}:
+        parser.error(f"--precision {args.precision}: expected auto, 32 or bf16 (or a list)")
+    if len(precisions) > 1:  # the same comparisons in each precision, named side@precision
+        pairs = [(f"{a}@{p}", f"{b}@{p}") for p in precisions for a, b in pairs]
     sides = list(dict.fromkeys(side for pair in pairs for side in pair))
     try:
         import monai  # noqa: F401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,16 @@ def compiled_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("joenet_cache")
     os.environ["JOENET_CACHE_DIR"] = str(directory)
     return directory / "compiled"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fp32_prediction() -> Iterator[None]:
+    """Prediction's ``precision=auto`` as on a CPU without AMX (fp32), on every host: the tests
+    compare outputs with fp32 references to float rounding. bf16 on AMX CPUs is tested where it
+    is asked for (tests/test_bf16_prediction.py); training keeps the host's precision."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("joenet.predict.tiling.cpu_has_bf16_matrix_units", lambda: False)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,12 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from joenet.config import config_dir, register_resolvers
+from joenet.config import config_dir, cpu_has_bf16_matrix_units, register_resolvers
 
 TINY_SHAPE = (12, 96, 96)
+# What prediction's precision=auto picks in a subprocess (the CLI) on this CPU; in-process
+# prediction is pinned to fp32 by tests/conftest.py, so a test comparing the two asks for this.
+CLI_PRECISION = "bf16" if cpu_has_bf16_matrix_units() else "32"
 
 
 def tiny_overrides(data_dir: Path, output_dir: Path) -> list[str]:

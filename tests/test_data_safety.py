@@ -21,6 +21,7 @@ from joenet.evaluate import evaluate_volume
 from joenet.predict import predict_volume
 from joenet.predict.writer import OutputError
 from joenet.volume import VolumeError, fit_normalization
+from tests.helpers import CLI_PRECISION
 
 FAST = {"progress": False, "device": "cpu"}
 
@@ -192,7 +193,9 @@ def test_a_model_retrained_into_the_same_path_never_mixes_outputs(
     assert _snapshot(output) == before  # nothing of the second model was written
     again = _predict_cli(tmp_path, *common, "overwrite=true")  # starts that prediction over
     assert again.returncode == 0, again.stderr[-3000:]
-    fresh = predict_volume(model, volume_path, tmp_path / "fresh.zarr", **FAST)
+    fresh = predict_volume(
+        model, volume_path, tmp_path / "fresh.zarr", precision=CLI_PRECISION, **FAST
+    )
     got, want = zarr.open_group(str(output), mode="r"), zarr.open_group(str(fresh), mode="r")
     for name in ("nuclei", "mito"):
         # Levels round(255 p): two processes may put a value either side of a rounding edge
@@ -202,7 +205,7 @@ def test_a_model_retrained_into_the_same_path_never_mixes_outputs(
     # The same weights under another name are the same model: the output resumes as it is.
     moved = tmp_path / "moved.ckpt"
     shutil.copy(model, moved)
-    predict_volume(moved, volume_path, output, **FAST)
+    predict_volume(moved, volume_path, output, precision=CLI_PRECISION, **FAST)
 
 
 # -- intensities that do not fit their dtype's assumed range ---------------------------------

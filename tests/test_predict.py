@@ -21,7 +21,7 @@ from joenet.model import UNet2d
 from joenet.predict import predict_volume
 from joenet.predict import work_units as block_ops
 from joenet.volume import VolumeError
-from tests.helpers import TINY_SHAPE
+from tests.helpers import CLI_PRECISION, TINY_SHAPE
 
 FAST = {"progress": False, "device": "cpu"}
 
@@ -77,8 +77,16 @@ def test_cli_writes_ome_zarr(ckpt_path: Path, volume_path: Path, tmp_path: Path)
     assert meta["version"] == __import__("joenet").__version__
     assert group["mito"].attrs["joenet"]["checkpoint"] == str(ckpt_path.resolve())
     assert (tmp_path / "logs" / "predict" / "runs").is_dir()
-    # z_range writes only its slices, with the same values as the whole-volume run.
-    partial = predict_volume(ckpt_path, volume_path, tmp_path / "part.zarr", z_range=[3, 6], **FAST)
+    # z_range writes only its slices, with the same values as the whole-volume run (in the
+    # precision the CLI's auto picked on this CPU: conftest pins in-process prediction to fp32).
+    partial = predict_volume(
+        ckpt_path,
+        volume_path,
+        tmp_path / "part.zarr",
+        z_range=[3, 6],
+        precision=CLI_PRECISION,
+        **FAST,
+    )
     part = zarr.open_group(str(partial), mode="r")["nuclei"][...]
     np.testing.assert_array_equal(part[3:6], group["nuclei"][3:6])
     assert not part[:3].any() and not part[6:].any()

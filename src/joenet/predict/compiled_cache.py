@@ -74,7 +74,8 @@ def package_path(
     digest.update(repr(net).encode())  # the architecture, as the modules describe themselves
     for name, tensor in net.state_dict().items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # bf16 too
+        digest.update(raw.numpy().tobytes())  # the same bytes as numpy's for fp32 (keys kept)
     first = next(net.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     digest.update(f"{input_shape}:{channels_last}:{_FORMAT}".encode())

@@ -5,9 +5,10 @@ benchmarks/fold_bench.py``, docs/fold_bench.md): folding 1.03-1.10x, channels_la
 for BatchNorm networks (0.91x for InstanceNorm ones, so ``auto`` leaves it off there), compiling
 with freezing 1.54-1.68x over eager in all (weights become constants, so inductor pre-packs them
 and fuses the pointwise ops into the convolutions). ``torch.compile`` costs 7-34 s in every
-process; on a CPU in fp32 prediction compiles ahead of time instead, into an on-disk cache
-(``compiled_cache.py``), so only a checkpoint's first run pays it. ``compile="auto"`` compiles on a
-CPU when the run has enough tiles to pay back the compile, or the load of a cached one.
+process; on a CPU (fp32, or bf16 as a bf16 network) prediction compiles ahead of time instead,
+into an on-disk cache (``compiled_cache.py``), so only a checkpoint's first run pays it.
+``compile="auto"`` compiles on a CPU when the run has enough tiles to pay back the compile, or
+the load of a cached one.
 On GPUs nothing has been measured yet, so ``auto`` leaves them eager.
 
 All of these compute the same function up to float rounding (logits within 1e-4, tested), so
@@ -151,16 +152,35 @@ def _cached_compiler(
     return compiler
 
 
-def prepared_network(net: nn.Module, *, fold: bool = True, channels_last: bool = True) -> nn.Module:
-    """A copy of ``net`` in eval mode, BatchNorms folded if asked, in its memory format: what
-    is run (and compiled, and keys the compiled cache)."""
+def prepared_network(
+    net: nn.Module,
+    *,
+    fold: bool = True,
+    channels_last: bool = True,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """A copy of ``net`` in eval mode, BatchNorms folded if asked, in its memory format and
+    ``dtype`` (None: as trained): what is run (and compiled, and keys the compiled cache)."""
     if fold:
         net, names = fold_batchnorms(net)
         log.info("%d BatchNorms folded into their convolutions", len(names))
     else:
         net = copy.deepcopy(net).eval()  # .to(memory_format) below works in place
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return net.to(memory_format=memory_format)
+    return net.to(dtype=dtype, memory_format=memory_format)
+
+
+def compiled_weights_dtype(compute_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The weights' dtype of a network compiled to run in ``compute_dtype`` (an autocast dtype).
+
+    bf16 is compiled as a bf16 network, weights cast once: an exported graph (the ahead-of-time
+    package) does not carry the autocast it was traced under, and a bf16 graph is what AMX
+    multiplies. On an AMX CPU the default network's 100 tiles ran compiled in bf16 in 3.7 s,
+    eager under bf16 autocast in 6.0 s, compiled in fp32 in 6.2 s (``benchmarks/predict_bench.py
+    --precision 32,bf16``, docs/benchmarks.md). fp16 keeps fp32 weights (its range is too narrow
+    to hold them safely); fp32 stays fp32.
+    """
+    return torch.bfloat16 if compute_dtype == torch.bfloat16 else None
 
 
 def inference_network(
@@ -207,10 +227,13 @@ def inference_form(
             raise ValueError("compile=True needs the tiles' input_shape")
         compiler = None if compile_cache is None else _cached_compiler(compile_cache, channels_last)
         net = FixedShapeCompiled(prepared, input_shape, compiler)
-    if not channels_last:
+    first = next(prepared.parameters(), None)
+    dtype = first.dtype if first is not None else torch.float32
+    if not channels_last and dtype == torch.float32:
         return net
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(x: Tensor) -> Tensor:
-        return net(x.contiguous(memory_format=torch.channels_last))
+        return net(x.to(dtype=dtype, memory_format=memory_format))
 
     return forward

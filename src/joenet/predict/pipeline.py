@@ -25,6 +25,7 @@ from joenet.predict.tiling import (
     autocast_dtype,
     check_tiling,
     per_sample_norm,
+    precision_name,
     tile_margin,
     tile_step,
 )
@@ -138,8 +139,8 @@ def predict_volume(
         overlap: px shared by neighbouring tiles, a multiple of 16, less than ``tile``.
         blending: weights of overlapping tiles, ``gaussian`` or ``constant``.
         batch_size: tiles per forward pass; None: 8 on a GPU, 1 on a CPU (faster there).
-        precision: ``auto`` (bf16 autocast on CUDA GPUs with bf16, fp32 otherwise), ``32``,
-            ``bf16`` or ``16``.
+        precision: ``auto`` (bf16 on CUDA GPUs with bf16 and on CPUs with AMX, fp32
+            otherwise: ``tiling.autocast_dtype``), ``32``, ``bf16`` or ``16``.
         tta: average the 8 flips/rotations of every tile, in probability.
         planes: ``xy``, or ``xy,xz,yz`` to average the 2D model over the three orientations.
         threshold: None writes probability x 255; a float writes 0/1 masks (probability >= it).
@@ -164,7 +165,7 @@ def predict_volume(
         compile: compile the network with freezing (1.5-1.7x per tile on a CPU); ``auto``: on
             a CPU from 1,000 tiles, from 100 when it is in ``compile_cache`` (float rounding
             only, not part of the resume fingerprint; ``predict/fast_path.py``).
-        compile_cache: where CPU fp32 prediction keeps networks compiled ahead of time
+        compile_cache: where CPU fp32 and bf16 prediction keeps networks compiled ahead of time
             (``predict/compiled_cache.py``): ``auto`` (``$JOENET_CACHE_DIR``, else
             ``~/.cache/joenet``), a directory, or false (``torch.compile`` in each run).
         viewer_levels: also write scale levels of every array (``<class>_s1``, ...) and the
@@ -213,7 +214,9 @@ def predict_volume(
             margin=tile_margin(overlap, model.receptive_field),
             blending=blending,
             batch_size=batch_size,
-            precision=str(precision),
+            # resolved here: Dask workers on other CPUs must not each pick their own (a resumed
+            # output mixing bf16 and fp32 blocks), and the fingerprint records this one
+            precision=precision_name(compute_dtype),
             tta=bool(tta),
             planes=plane_names,
             threshold=None if threshold is None else float(threshold),

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from joenet.config import cpu_has_bf16_matrix_units
+
 Blending = Literal["gaussian", "constant"]
 Precision = Literal["auto", "32", "bf16", "16"]
 # Tile origins and sizes are multiples of this at least. It stays 16 for networks of fewer
@@ -134,15 +136,28 @@ def window_1d(size: int, low: int, high: int, blending: Blending) -> np.ndarray:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``precision``; None runs in fp32 (``auto`` on CPUs: see config.py)."""
+    """Autocast dtype for ``precision``; None runs in fp32.
+
+    ``auto``: bf16 on CUDA GPUs with bf16 and on CPUs with AMX (``cpu_has_bf16_matrix_units``,
+    as training), where the default network's prediction ran 1.65-1.73x faster than in fp32
+    with probabilities within 8/255 (``benchmarks/predict_bench.py --precision 32,bf16``,
+    docs/benchmarks.md; tests/test_bf16_prediction.py); fp32 on every other CPU (bf16 there is
+    emulated, ~400x slower).
+    """
     precision = str(precision)
     if precision == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else None
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_matrix_units() else None
     choices = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
     if precision not in choices:
         raise ValueError(f"precision must be one of auto, 32, bf16, 16; got {precision!r}")
     return choices[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The ``precision`` value that :func:`autocast_dtype` maps to ``dtype``."""
+    return {None: "32", torch.bfloat16: "bf16", torch.float16: "16"}[dtype]
 
 
 # The 8 elements of the dihedral group of the square: (quarter turns, flip first).

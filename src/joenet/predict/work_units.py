@@ -22,7 +22,7 @@ from torch import Tensor
 
 from joenet.checkpoint import cached_model, resolve_device
 from joenet.predict.compiled_cache import package_path
-from joenet.predict.fast_path import inference_form, prepared_network
+from joenet.predict.fast_path import compiled_weights_dtype, inference_form, prepared_network
 from joenet.predict.input_image import InputImage, open_input
 from joenet.predict.tiling import STEP, AxisTiles, PlanePredictor, autocast_dtype, plan_axis
 
@@ -202,13 +202,17 @@ def write_block(group: zarr.Group, job: BlockJob, block: Block, values: np.ndarr
 
 @cache
 def _prepared(
-    ckpt_path: str, device: torch.device, fold: bool, channels_last: bool
+    ckpt_path: str,
+    device: torch.device,
+    fold: bool,
+    channels_last: bool,
+    dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """A checkpoint's network as prediction runs it (``fast_path.prepared_network``), made once
     per process: the compiled cache's key and the network compiled or run both come from it
     (a copy costs ~0.2 s, twice per run before)."""
     return prepared_network(
-        cached_model(ckpt_path, device).net, fold=fold, channels_last=channels_last
+        cached_model(ckpt_path, device).net, fold=fold, channels_last=channels_last, dtype=dtype
     )
 
 
@@ -221,10 +225,11 @@ def _network(
     compile: bool,
     input_shape: tuple[int, int, int, int],
     compile_cache: str | None,
+    weights_dtype: torch.dtype | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """The inference form of a checkpoint's network, made (and compiled) once per process."""
     return inference_form(
-        _prepared(ckpt_path, device, fold, channels_last),
+        _prepared(ckpt_path, device, fold, channels_last, weights_dtype),
         channels_last=channels_last,
         compile=compile,
         input_shape=input_shape,
@@ -242,11 +247,20 @@ def tile_batch(batch_size: int | None, device: torch.device) -> int:
 
 
 def compile_cache_for(job: BlockJob, device: torch.device) -> str | None:
-    """The compiled cache ``job`` may use on ``device``: CPUs in fp32 only. An ahead-of-time
-    package is a plain fp32 graph, blind to the autocast that bf16/fp16 prediction runs under,
-    so those (and GPUs, unmeasured) compile in-process instead."""
-    fp32 = autocast_dtype(job.precision, device) is None
-    return job.compile_cache if device.type == "cpu" and fp32 else None
+    """The compiled cache ``job`` may use on ``device``: CPUs in fp32 or bf16. An ahead-of-time
+    package is a plain graph, blind to autocast: bf16 is compiled as a bf16 network
+    (``fast_path.compiled_weights_dtype``), fp16 (and GPUs, unmeasured) compile in-process."""
+    dtype = autocast_dtype(job.precision, device)
+    cached_dtype = dtype is None or dtype == torch.bfloat16
+    return job.compile_cache if device.type == "cpu" and cached_dtype else None
+
+
+def weights_dtype_for(job: BlockJob, device: torch.device) -> torch.dtype | None:
+    """The dtype ``job``'s network runs its weights in on ``device``: bf16 when compiled for
+    bf16, else as trained (eager bf16/fp16 run under autocast)."""
+    if not job.compile:
+        return None
+    return compiled_weights_dtype(autocast_dtype(job.precision, device))
 
 
 def compiled_is_cached(job: BlockJob, device: torch.device) -> bool:
@@ -254,7 +268,8 @@ def compiled_is_cached(job: BlockJob, device: torch.device) -> bool:
     cache = compile_cache_for(job, device)
     if cache is None:
         return False
-    ready = _prepared(job.ckpt_path, device, job.fold_batchnorms, job.channels_last)
+    dtype = compiled_weights_dtype(autocast_dtype(job.precision, device))
+    ready = _prepared(job.ckpt_path, device, job.fold_batchnorms, job.channels_last, dtype)
     shape = (tile_batch(job.batch_size, device), 1, job.tile, job.tile)
     return package_path(ready, shape, job.channels_last, Path(cache)).exists()
 
@@ -271,7 +286,14 @@ def make_predictor(job: BlockJob) -> PlanePredictor:
     shape = (batch_size, 1, job.tile, job.tile)
     cache = compile_cache_for(job, device)
     net = _network(
-        job.ckpt_path, device, job.fold_batchnorms, job.channels_last, job.compile, shape, cache
+        job.ckpt_path,
+        device,
+        job.fold_batchnorms,
+        job.channels_last,
+        job.compile,
+        shape,
+        cache,
+        weights_dtype_for(job, device),
     )
     return PlanePredictor(
         net,
