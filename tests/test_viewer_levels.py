@@ -120,3 +120,61 @@ def test_uint8_halving_rounds_quarters_to_nearest_and_halves_to_even() -> None:
     pairs = [[1, 1, 1, 2], [1, 2, 1, 2], [2, 2, 3, 3], [3, 3, 4, 4], [1, 2, 2, 2]]
     block = np.array(pairs, dtype=np.uint8).reshape(1, 10, 2)  # five 2 x 2 squares along y
     np.testing.assert_array_equal(halve(block, labels=False)[0, :, 0], [1, 2, 2, 4, 2])
+
+
+def _random_raw(path: Path, shape: tuple[int, int, int], chunks: tuple[int, int, int]) -> Path:
+    group = zarr.open_group(str(path), mode="w")
+    group.attrs["voxel_size_nm"] = [8, 8, 8]
+    raw = np.random.default_rng(4).integers(0, 256, shape, dtype=np.uint8)
+    group.create_array("raw", data=raw, chunks=chunks)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("chunks", "threshold", "by_block"),
+    [((1, 128, 128), None, True), ((1, 128, 128), 0.5, True), ((1, 90, 90), None, False)],
+)
+def test_levels_written_block_by_block_equal_the_whole_array_halved(
+    chunks: tuple[int, int, int],
+    threshold: float | None,
+    by_block: bool,
+    ckpt_path: Path,
+    tmp_path: Path,
+) -> None:
+    # 256 px blocks of 128 px chunks start on multiples of 4 (2 levels for 600 px): each block
+    # writes its own levels in the writer thread and is flagged. 90 px chunks make 270 px
+    # blocks, which start off that grid: nothing is flagged, and the levels are computed from
+    # the written arrays after the run, as for a Dask run. The bytes are the same either way.
+    volume = _random_raw(tmp_path / "in.zarr", (2, 600, 540), chunks)
+    options = {"tile": 128, "overlap": 32, "block_size": 256, "threshold": threshold, **FAST}
+    output = predict_volume(ckpt_path, volume, tmp_path / "pred.zarr", **options)
+    root = zarr.open_group(str(output), mode="r")
+    flags = root[".joenet/levels"][...]
+    assert flags.shape == root[".joenet/done"].shape and flags.size > 4
+    assert flags.all() if by_block else not flags.any()
+    for name in ("nuclei", "mito"):
+        expected = _reference_levels(root[name][...], 2, labels=threshold is not None)
+        for level, array in enumerate(expected, start=1):
+            np.testing.assert_array_equal(root[f"{name}_s{level}"][...], array)
+
+
+def test_levels_of_blocks_without_flags_are_computed_after_the_run(
+    ckpt_path: Path, tmp_path: Path
+) -> None:
+    # An output whose blocks were all written but whose levels were not (an earlier version's,
+    # or a run killed before its last step): a rerun writes them, from the arrays on disk.
+    volume = _random_raw(tmp_path / "in.zarr", (1, 600, 540), (1, 128, 128))
+    options = {"tile": 128, "overlap": 32, "block_size": 256, **FAST}
+    output = predict_volume(ckpt_path, volume, tmp_path / "pred.zarr", **options)
+    root = zarr.open_group(str(output), mode="r+")
+    expected = root["mito_s2"][...]
+    assert expected.any()
+    root["mito_s1"][...] = 0
+    root["mito_s2"][...] = 0
+    root[".joenet/levels"][...] = False
+    record = root[".joenet"]
+    record.attrs.update({"viewer_levels_z_ranges": []})
+    predict_volume(ckpt_path, volume, output, **options)
+    root = zarr.open_group(str(output), mode="r")
+    np.testing.assert_array_equal(root["mito_s2"][...], expected)
+    np.testing.assert_array_equal(root["mito_s1"][...], halve(root["mito"][...], False))

@@ -53,7 +53,13 @@ def _progress(total: int, done: int, enabled: bool) -> tqdm:
     return tqdm(total=total, initial=done, unit="block", desc="predict", disable=not enabled)
 
 
-def run_local(job: BlockJob, pending: Sequence[Block], total: int, progress: bool = True) -> None:
+def run_local(
+    job: BlockJob,
+    pending: Sequence[Block],
+    total: int,
+    progress: bool = True,
+    after_write: Callable[[zarr.Group, Block, np.ndarray], None] | None = None,
+) -> None:
     """Predict ``pending`` blocks one after another in this process.
 
     Args:
@@ -61,6 +67,9 @@ def run_local(job: BlockJob, pending: Sequence[Block], total: int, progress: boo
         pending: blocks without a completion record.
         total: all blocks of the prediction (for the progress bar).
         progress: show a tqdm bar (blocks done, ETA).
+        after_write: called in the writer thread with each whole block's values once they are
+            written, before the block is marked done (the viewer levels, overlapped with the
+            next block's prediction).
     """
     if not pending:
         return
@@ -72,6 +81,8 @@ def run_local(job: BlockJob, pending: Sequence[Block], total: int, progress: boo
     def write(block: Block, values: np.ndarray) -> None:
         block_ops.write_block(group, job, block, values)
         if block_ops.is_whole(job, block):  # only after all of the block's chunks are written
+            if after_write is not None:
+                after_write(group, block, values)
             record.mark_done(block.index)
 
     with (

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from joenet.checkpoint import cached_model, resolve_device
 from joenet.predict import checks
@@ -29,7 +31,11 @@ from joenet.predict.tiling import (
     tile_margin,
     tile_step,
 )
-from joenet.predict.viewer_levels import update_viewer_levels
+from joenet.predict.viewer_levels import (
+    prepare_block_levels,
+    update_viewer_levels,
+    write_block_levels,
+)
 from joenet.predict.work_units import (
     Block,
     BlockJob,
@@ -37,7 +43,7 @@ from joenet.predict.work_units import (
     count_tiles,
     make_blocks,
 )
-from joenet.predict.writer import CompletionRecord, check_output, open_output
+from joenet.predict.writer import LEVELS_FLAGS, CompletionRecord, check_output, open_output
 from joenet.volume import check_z_range
 from joenet.volume.components import label_instances
 from joenet.volume.output_lock import exclusive_output
@@ -92,6 +98,21 @@ def _label_instances(group: Any, record: CompletionRecord, job: BlockJob, change
         count = label_instances(group[name], group[f"{name}_instances"], cut, job.z_range)
         log.info("%s: %d instances", name, count)
     record.update_attrs({_INSTANCES_RECORD: [*labelled, z_range]})
+
+
+def _block_levels_writer(
+    record: CompletionRecord, job: BlockJob
+) -> Callable[[Any, Block, np.ndarray], None]:
+    """What the local executor runs after writing a block: its class arrays' viewer levels from
+    the values in memory, overlapped with the next block (instead of re-reading every array
+    after the run), and the block's ``levels`` flag."""
+    labels = job.threshold is not None
+
+    def write(group: Any, block: Block, values: np.ndarray) -> None:
+        if write_block_levels(group, job.class_names, labels, block.region, values):
+            record.mark_done(block.index, LEVELS_FLAGS)
+
+    return write
 
 
 def predict_volume(
@@ -263,9 +284,13 @@ def predict_volume(
         if executor == "dask":
             run_dask(job, pending, len(blocks), n_workers, scheduler_address, progress)
         else:
-            run_local(job, pending, len(blocks), progress)
+            block_levels = None
+            if viewer_levels and pending and prepare_block_levels(group, job.class_names):
+                record.create(record.grid_shape(), LEVELS_FLAGS)  # only now: a finished
+                block_levels = _block_levels_writer(record, job)  # output stays untouched
+            run_local(job, pending, len(blocks), progress, block_levels)
         if instances:
             _label_instances(group, record, job, bool(pending))
         if viewer_levels:
-            update_viewer_levels(group, record, job, bool(pending), instances, voxel_size)
+            update_viewer_levels(group, record, job, blocks, bool(pending), instances, voxel_size)
     return Path(output)

@@ -14,6 +14,15 @@ Added to the prediction's group (OME-NGFF 0.5, validated by ``ome-zarr-models`` 
 Probabilities are averaged 2 x 2 per level; labels take every second pixel (an average of ids
 means nothing). Levels stop once the largest side is at most ``MIN_SIDE``.
 
+When: the local executor writes each block's levels of the class arrays from the block in memory,
+in its writer thread while the next block is predicted (``write_block_levels``; a block
+whose y/x box starts on a multiple of 2^levels, as 2048 px blocks do, holds all the 2 x 2 groups
+of its levels, so the bytes equal a pass over the whole array), and flags the block in the
+completion record. After the run, ``update_viewer_levels`` computes from the written arrays only
+what is not flagged (every block of the z range, or none): Dask runs, outputs of earlier
+versions and blocks cut by ``z_range``. Label images and instance levels always come after the
+run: instances are labelled over the whole volume first.
+
 Why the label images are copies: scripts and ``joenet.evaluate`` read ``<output>/<class>`` and
 ``<output>/<class>_instances`` (the documented layout), while NGFF puts label images in
 ``labels/<name>/`` groups, and zarr has no links between arrays. Label arrays are runs of one id,
@@ -28,8 +37,8 @@ from collections.abc import Sequence
 import numpy as np
 import zarr
 
-from joenet.predict.work_units import BlockJob
-from joenet.predict.writer import CompletionRecord, multiscale_entry
+from joenet.predict.work_units import Block, BlockJob
+from joenet.predict.writer import LEVELS_FLAGS, CompletionRecord, multiscale_entry
 from joenet.volume.components import chunk_boxes
 
 MIN_SIDE = 256
@@ -66,6 +75,17 @@ def halve(block: np.ndarray, labels: bool) -> np.ndarray:
     return np.rint(means).astype(block.dtype)
 
 
+def _write_box_levels(
+    data: np.ndarray, targets: Sequence[zarr.Array], labels: bool, box: tuple[slice, ...]
+) -> None:
+    """``targets[k]`` over ``box`` at level ``k + 1``, from ``data``: the full resolution there."""
+    for level, target in enumerate(targets, start=1):
+        data = halve(data, labels)
+        factor = 2**level
+        y0, x0 = box[1].start // factor, box[2].start // factor
+        target[box[0], y0 : y0 + data.shape[1], x0 : x0 + data.shape[2]] = data
+
+
 def write_levels(
     source: zarr.Array, targets: Sequence[zarr.Array], labels: bool, z_range: tuple[int, int]
 ) -> None:
@@ -82,11 +102,7 @@ def write_levels(
         data = np.asarray(source[box])
         if copy:
             targets[0][box] = data
-        for level, target in enumerate(targets[copy:], start=1):
-            data = halve(data, labels)
-            factor = 2**level
-            y0, x0 = box[1].start // factor, box[2].start // factor
-            target[box[0], y0 : y0 + data.shape[1], x0 : x0 + data.shape[2]] = data
+        _write_box_levels(data, targets[copy:], labels, box)
 
 
 def _array(group: zarr.Group, path: str, like: zarr.Array, shape: tuple[int, ...]) -> zarr.Array:
@@ -105,12 +121,64 @@ def _array(group: zarr.Group, path: str, like: zarr.Array, shape: tuple[int, ...
     )
 
 
+def _level_arrays(group: zarr.Group, name: str, levels: int) -> list[zarr.Array]:
+    """``name``'s level arrays ``<name>_s1`` .. ``<name>_s<levels>``, created when missing."""
+    source = group[name]
+    assert isinstance(source, zarr.Array)
+    return [
+        _array(group, f"{name}_s{k}", source, level_shape(source.shape, k))
+        for k in range(1, levels + 1)
+    ]
+
+
+def prepare_block_levels(group: zarr.Group, class_names: Sequence[str]) -> bool:
+    """Create the class arrays' level arrays before blocks are written; False: none to write."""
+    levels = level_count(group[class_names[0]].shape)
+    for name in class_names:
+        _level_arrays(group, name, levels)
+    return levels > 0
+
+
+def write_block_levels(
+    group: zarr.Group,
+    class_names: Sequence[str],
+    labels: bool,
+    region: tuple[tuple[int, int], ...],
+    values: np.ndarray,
+) -> bool:
+    """The class arrays' levels over one written block, from its values in memory.
+
+    Args:
+        group: the prediction's root group, its level arrays made by ``prepare_block_levels``.
+        class_names: the class arrays, in the order of ``values``.
+        labels: the arrays are masks (every second pixel) rather than probabilities (means).
+        region: the block's [start, stop) per (z, y, x).
+        values: ``(C, z, y, x)`` what was written over ``region``.
+
+    Returns:
+        False, writing nothing, when the block's y/x box does not start on a multiple of
+        2^levels and end on one or at the volume's edge: its levels then need its neighbours.
+    """
+    shape = group[class_names[0]].shape
+    levels = level_count(shape)
+    factor = 2**levels
+    for axis in (1, 2):
+        start, stop = region[axis]
+        if start % factor or (stop % factor and stop != shape[axis]):
+            return False
+    box = tuple(slice(start, stop) for start, stop in region)
+    for channel, name in enumerate(class_names):
+        _write_box_levels(values[channel], _level_arrays(group, name, levels), labels, box)
+    return True
+
+
 def write_viewer_levels(
     group: zarr.Group,
     class_names: Sequence[str],
     label_names: Sequence[str],
     voxel_size_nm: Sequence[float] | None,
     z_range: tuple[int, int],
+    class_levels: bool = True,
 ) -> None:
     """Scale levels of every class array, and ``label_names`` as NGFF label images.
 
@@ -120,6 +188,7 @@ def write_viewer_levels(
         label_names: arrays of ``group`` that are labels (masks, instance ids).
         voxel_size_nm: the full-resolution voxel size, or None.
         z_range: the slices to (re)compute.
+        class_levels: also compute the class arrays' levels (False: written block by block).
     """
     shape = group[class_names[0]].shape
     levels = level_count(shape)
@@ -127,8 +196,8 @@ def write_viewer_levels(
     for name in class_names:
         source = group[name]
         paths = [name, *(f"{name}_s{k}" for k in range(1, levels + 1))]
-        targets = [_array(group, p, source, level_shape(shape, k)) for k, p in enumerate(paths)]
-        write_levels(source, targets[1:], name in label_names, z_range)
+        if class_levels:
+            write_levels(source, _level_arrays(group, name, levels), name in label_names, z_range)
         entries.append(multiscale_entry(name, paths, voxel_size_nm))
     ome = dict(group.attrs["ome"])
     group.attrs["ome"] = {**ome, "multiscales": entries}
@@ -153,11 +222,13 @@ def update_viewer_levels(
     group: zarr.Group,
     record: CompletionRecord,
     job: BlockJob,
+    blocks: Sequence[Block],
     changed: bool,
     instances: bool,
     voxel_size_nm: Sequence[float] | None,
 ) -> None:
-    """``write_viewer_levels`` once per z range of a prediction (again when blocks changed)."""
+    """``write_viewer_levels`` once per z range of a prediction (again when blocks changed),
+    the class arrays' levels only where ``write_block_levels`` did not write them all."""
     z_range = list(job.z_range)
     done = record.attrs().get(_LEVELS_RECORD, [])
     if not changed and z_range in done:
@@ -166,5 +237,7 @@ def update_viewer_levels(
     labels += [f"{name}_instances" for name in job.class_names] if instances else []
     if not labels and not level_count(group[job.class_names[0]].shape):
         return  # a small volume of probabilities: already all a viewer needs, nothing to note
-    write_viewer_levels(group, job.class_names, labels, voxel_size_nm, job.z_range)
+    by_block = {block.index for block in blocks} <= record.done(LEVELS_FLAGS)
+    class_levels = not (blocks and by_block)
+    write_viewer_levels(group, job.class_names, labels, voxel_size_nm, job.z_range, class_levels)
     record.update_attrs({_LEVELS_RECORD: [*done, z_range]})

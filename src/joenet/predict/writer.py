@@ -9,6 +9,8 @@ Layout (NGFF 0.5 on zarr v3)::
       nuclei_instances     uint32 connected components (with instances=true)
       nuclei_s1, ...       scale levels, labels/ NGFF label images (predict/viewer_levels.py)
       .joenet/done         bool per block (grid of blocks), True once the block is written
+      .joenet/levels       bool per block, True once its class arrays' scale levels are
+                           written with it (local executor; viewer_levels.py)
 
 zarr stores no chunk that equals the fill value, so which chunks exist says nothing about what
 was computed: a block counts as finished only once its flag is set, and the flag is set after
@@ -252,8 +254,12 @@ def open_output(
     return group
 
 
+LEVELS_FLAGS = "levels"  # blocks whose class arrays' viewer levels are written (viewer_levels.py)
+
+
 class CompletionRecord:
-    """Which blocks of an output are finished: ``<output>/.joenet/done``, one bool per block.
+    """Which blocks of an output are finished: ``<output>/.joenet/done``, one bool per block
+    (and ``<output>/.joenet/levels``: which have their viewer levels).
 
     Each flag is its own chunk, hence its own file, and zarr's local store writes a file
     atomically (temporary file, then rename): workers that finish blocks at the same time never
@@ -266,23 +272,30 @@ class CompletionRecord:
     def __init__(self, output: str | Path) -> None:
         self.path = f"{output}/{_RECORD_GROUP}"
 
-    def create(self, grid_shape: Sequence[int]) -> None:
+    def create(self, grid_shape: Sequence[int], flags: str = "done") -> None:
         """Create the flags of a ``grid_shape`` grid of blocks, unless they exist."""
         group = zarr.open_group(self.path, mode="a")
-        if "done" not in group:
+        if flags not in group:
             shape = tuple(grid_shape)
             group.create_array(
-                "done", shape=shape, chunks=(1,) * len(shape), dtype=bool, fill_value=False
+                flags, shape=shape, chunks=(1,) * len(shape), dtype=bool, fill_value=False
             )
 
-    def done(self) -> set[tuple[int, ...]]:
-        """Grid indices of the finished blocks."""
-        flags = zarr.open_array(f"{self.path}/done", mode="r")[...]
-        return {tuple(int(i) for i in index) for index in np.argwhere(flags)}
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(zarr.open_array(f"{self.path}/done", mode="r").shape)
 
-    def mark_done(self, index: tuple[int, ...]) -> None:
+    def done(self, flags: str = "done") -> set[tuple[int, ...]]:
+        """Grid indices of the finished blocks (``flags="levels"``: of those with levels; none
+        where those flags were never created, as in outputs of earlier versions)."""
+        group = zarr.open_group(self.path, mode="r")
+        if flags not in group:
+            return set()
+        values = zarr.open_array(f"{self.path}/{flags}", mode="r")[...]
+        return {tuple(int(i) for i in index) for index in np.argwhere(values)}
+
+    def mark_done(self, index: tuple[int, ...], flags: str = "done") -> None:
         """Record a block as finished; call only after all its chunks are written."""
-        zarr.open_array(f"{self.path}/done", mode="r+")[index] = True
+        zarr.open_array(f"{self.path}/{flags}", mode="r+")[index] = True
 
     def attrs(self) -> dict[str, Any]:
         """Notes of the record itself (e.g. which z ranges have instance labels)."""
