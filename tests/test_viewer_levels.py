@@ -21,12 +21,17 @@ def _reference_levels(volume: np.ndarray, levels: int, labels: bool) -> list[np.
     return out[1:]
 
 
-def _random_volume(path: Path, shape: tuple[int, int, int], seed: int) -> Path:
-    """A uint8 raw volume at 8 nm, chunked (1, 128, 128)."""
+def _random_volume(
+    path: Path,
+    shape: tuple[int, int, int],
+    seed: int,
+    chunks: tuple[int, int, int] = (1, 128, 128),
+) -> Path:
+    """A uint8 raw volume at 8 nm."""
     group = zarr.open_group(str(path), mode="w")
     group.attrs["voxel_size_nm"] = [8, 8, 8]
     raw = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-    group.create_array("raw", data=raw, chunks=(1, 128, 128))
+    group.create_array("raw", data=raw, chunks=chunks)
     return path
 
 
@@ -122,14 +127,6 @@ def test_uint8_halving_rounds_quarters_to_nearest_and_halves_to_even() -> None:
     np.testing.assert_array_equal(halve(block, labels=False)[0, :, 0], [1, 2, 2, 4, 2])
 
 
-def _random_raw(path: Path, shape: tuple[int, int, int], chunks: tuple[int, int, int]) -> Path:
-    group = zarr.open_group(str(path), mode="w")
-    group.attrs["voxel_size_nm"] = [8, 8, 8]
-    raw = np.random.default_rng(4).integers(0, 256, shape, dtype=np.uint8)
-    group.create_array("raw", data=raw, chunks=chunks)
-    return path
-
-
 @pytest.mark.parametrize(
     ("chunks", "threshold", "by_block"),
     [((1, 128, 128), None, True), ((1, 128, 128), 0.5, True), ((1, 90, 90), None, False)],
@@ -145,7 +142,7 @@ def test_levels_written_block_by_block_equal_the_whole_array_halved(
     # writes its own levels in the writer thread and is flagged. 90 px chunks make 270 px
     # blocks, which start off that grid: nothing is flagged, and the levels are computed from
     # the written arrays after the run, as for a Dask run. The bytes are the same either way.
-    volume = _random_raw(tmp_path / "in.zarr", (2, 600, 540), chunks)
+    volume = _random_volume(tmp_path / "in.zarr", (2, 600, 540), seed=4, chunks=chunks)
     options = {"tile": 128, "overlap": 32, "block_size": 256, "threshold": threshold, **FAST}
     output = predict_volume(ckpt_path, volume, tmp_path / "pred.zarr", **options)
     root = zarr.open_group(str(output), mode="r")
@@ -163,7 +160,7 @@ def test_levels_of_blocks_without_flags_are_computed_after_the_run(
 ) -> None:
     # An output whose blocks were all written but whose levels were not (an earlier version's,
     # or a run killed before its last step): a rerun writes them, from the arrays on disk.
-    volume = _random_raw(tmp_path / "in.zarr", (1, 600, 540), (1, 128, 128))
+    volume = _random_volume(tmp_path / "in.zarr", (1, 600, 540), seed=4)
     options = {"tile": 128, "overlap": 32, "block_size": 256, **FAST}
     output = predict_volume(ckpt_path, volume, tmp_path / "pred.zarr", **options)
     root = zarr.open_group(str(output), mode="r+")

@@ -58,7 +58,7 @@ def run_local(
     pending: Sequence[Block],
     total: int,
     progress: bool = True,
-    after_write: Callable[[zarr.Group, Block, np.ndarray], None] | None = None,
+    after_write: Callable[[Block, np.ndarray], None] | None = None,
 ) -> None:
     """Predict ``pending`` blocks one after another in this process.
 
@@ -82,7 +82,7 @@ def run_local(
         block_ops.write_block(group, job, block, values)
         if block_ops.is_whole(job, block):  # only after all of the block's chunks are written
             if after_write is not None:
-                after_write(group, block, values)
+                after_write(block, values)
             record.mark_done(block.index)
 
     with (

@@ -101,15 +101,19 @@ def _label_instances(group: Any, record: CompletionRecord, job: BlockJob, change
 
 
 def _block_levels_writer(
-    record: CompletionRecord, job: BlockJob
-) -> Callable[[Any, Block, np.ndarray], None]:
+    group: Any, record: CompletionRecord, job: BlockJob
+) -> Callable[[Block, np.ndarray], None] | None:
     """What the local executor runs after writing a block: its class arrays' viewer levels from
     the values in memory, overlapped with the next block (instead of re-reading every array
-    after the run), and the block's ``levels`` flag."""
-    labels = job.threshold is not None
+    after the run), and the block's ``levels`` flag. None: the volume has no levels."""
+    targets = prepare_block_levels(group, job.class_names)
+    if targets is None:
+        return None
+    record.create(record.grid_shape(), LEVELS_FLAGS)  # only now: a finished output stays as is
+    shape, labels = group[job.class_names[0]].shape, job.threshold is not None
 
-    def write(group: Any, block: Block, values: np.ndarray) -> None:
-        if write_block_levels(group, job.class_names, labels, block.region, values):
+    def write(block: Block, values: np.ndarray) -> None:
+        if write_block_levels(targets, shape, labels, block.region, values):
             record.mark_done(block.index, LEVELS_FLAGS)
 
     return write
@@ -285,9 +289,8 @@ def predict_volume(
             run_dask(job, pending, len(blocks), n_workers, scheduler_address, progress)
         else:
             block_levels = None
-            if viewer_levels and pending and prepare_block_levels(group, job.class_names):
-                record.create(record.grid_shape(), LEVELS_FLAGS)  # only now: a finished
-                block_levels = _block_levels_writer(record, job)  # output stays untouched
+            if viewer_levels and pending:
+                block_levels = _block_levels_writer(group, record, job)
             run_local(job, pending, len(blocks), progress, block_levels)
         if instances:
             _label_instances(group, record, job, bool(pending))

@@ -131,17 +131,18 @@ def _level_arrays(group: zarr.Group, name: str, levels: int) -> list[zarr.Array]
     ]
 
 
-def prepare_block_levels(group: zarr.Group, class_names: Sequence[str]) -> bool:
-    """Create the class arrays' level arrays before blocks are written; False: none to write."""
+def prepare_block_levels(
+    group: zarr.Group, class_names: Sequence[str]
+) -> list[list[zarr.Array]] | None:
+    """The class arrays' level arrays, per class, created before blocks are written (opened
+    once, not per block); None when the volume is too small to have levels."""
     levels = level_count(group[class_names[0]].shape)
-    for name in class_names:
-        _level_arrays(group, name, levels)
-    return levels > 0
+    return [_level_arrays(group, name, levels) for name in class_names] if levels else None
 
 
 def write_block_levels(
-    group: zarr.Group,
-    class_names: Sequence[str],
+    targets: Sequence[Sequence[zarr.Array]],
+    shape: Sequence[int],
     labels: bool,
     region: tuple[tuple[int, int], ...],
     values: np.ndarray,
@@ -149,8 +150,8 @@ def write_block_levels(
     """The class arrays' levels over one written block, from its values in memory.
 
     Args:
-        group: the prediction's root group, its level arrays made by ``prepare_block_levels``.
-        class_names: the class arrays, in the order of ``values``.
+        targets: per class, its level arrays (``prepare_block_levels``).
+        shape: the full-resolution arrays' (z, y, x).
         labels: the arrays are masks (every second pixel) rather than probabilities (means).
         region: the block's [start, stop) per (z, y, x).
         values: ``(C, z, y, x)`` what was written over ``region``.
@@ -159,16 +160,14 @@ def write_block_levels(
         False, writing nothing, when the block's y/x box does not start on a multiple of
         2^levels and end on one or at the volume's edge: its levels then need its neighbours.
     """
-    shape = group[class_names[0]].shape
-    levels = level_count(shape)
-    factor = 2**levels
+    factor = 2 ** len(targets[0])
     for axis in (1, 2):
         start, stop = region[axis]
         if start % factor or (stop % factor and stop != shape[axis]):
             return False
     box = tuple(slice(start, stop) for start, stop in region)
-    for channel, name in enumerate(class_names):
-        _write_box_levels(values[channel], _level_arrays(group, name, levels), labels, box)
+    for channel, class_targets in enumerate(targets):
+        _write_box_levels(values[channel], class_targets, labels, box)
     return True
 
 

@@ -255,10 +255,13 @@ def compile_cache_for(job: BlockJob, device: torch.device) -> str | None:
     return job.compile_cache if device.type == "cpu" and cached_dtype else None
 
 
-def weights_dtype_for(job: BlockJob, device: torch.device) -> torch.dtype | None:
-    """The dtype ``job``'s network runs its weights in on ``device``: bf16 when compiled for
-    bf16, else as trained (eager bf16/fp16 run under autocast)."""
-    if not job.compile:
+def weights_dtype_for(
+    job: BlockJob, device: torch.device, compiled: bool | None = None
+) -> torch.dtype | None:
+    """The dtype ``job``'s network runs its weights in on ``device`` (``compiled``, default
+    ``job.compile``): bf16 when compiled for bf16, else as trained (eager bf16/fp16 run under
+    autocast)."""
+    if not (job.compile if compiled is None else compiled):
         return None
     return compiled_weights_dtype(autocast_dtype(job.precision, device))
 
@@ -268,7 +271,7 @@ def compiled_is_cached(job: BlockJob, device: torch.device) -> bool:
     cache = compile_cache_for(job, device)
     if cache is None:
         return False
-    dtype = compiled_weights_dtype(autocast_dtype(job.precision, device))
+    dtype = weights_dtype_for(job, device, compiled=True)
     ready = _prepared(job.ckpt_path, device, job.fold_batchnorms, job.channels_last, dtype)
     shape = (tile_batch(job.batch_size, device), 1, job.tile, job.tile)
     return package_path(ready, shape, job.channels_last, Path(cache)).exists()

@@ -282,6 +282,7 @@ class CompletionRecord:
             )
 
     def grid_shape(self) -> tuple[int, ...]:
+        """The shape of the grid of blocks the record was created for."""
         return tuple(zarr.open_array(f"{self.path}/done", mode="r").shape)
 
     def done(self, flags: str = "done") -> set[tuple[int, ...]]:
