@@ -9,6 +9,11 @@ same way. Each is timed in turns so that load changes hit all alike; the median 
 ``joenet.model.cost``) is compared with an fp32 matmul peak measured between the rounds. Run::
 
     python benchmarks/fold_bench.py [--tiles 20] [--repeat 5] [--no-compile] [--net seed]
+                                     [--profile]
+
+``--profile`` adds where the compiled network's time goes (``torch.profiler`` over ``--tiles``
+forwards of a copy compiled with inductor's kernel profiling): oneDNN's convolutions, inductor's
+fused kernels (norms, activations, additions, concatenations) and the rest.
 
 ``--net default`` (the default) is the network the default config trains (``networks.py``); with
 InstanceNorm there is no BatchNorm to fold, so its folded row is the eager network again.
@@ -27,7 +32,7 @@ from train_step_bench import matmul_peak
 
 from joenet.model.cost import count_gflops
 from joenet.model.fold import fold_batchnorms
-from joenet.predict.fast_path import inference_network
+from joenet.predict.fast_path import compile_frozen, inference_network
 
 
 def _time(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiles: int) -> float:
@@ -45,6 +50,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled rows")
     parser.add_argument("--net", choices=NETWORKS, default="default", help="joenet's network")
+    parser.add_argument("--profile", action="store_true", help="where compiled time goes")
     args = parser.parse_args()
     eager = inference_ready(args.net)
     shape = (1, 1, args.size, args.size)
@@ -65,7 +71,7 @@ def main() -> None:
         peer = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2).eval()
         nets["MONAI BasicUNet"] = (peer, peer)
         if not args.no_compile:
-            peer_compiled = torch.compile(peer, dynamic=False, options={"freezing": True})
+            peer_compiled = compile_frozen(peer)  # as joenet's compiled rows
             nets["MONAI BasicUNet compiled"] = (peer_compiled, peer)
     except ImportError as err:
         print(f"MONAI skipped ({err})")
@@ -97,6 +103,35 @@ def main() -> None:
             f"{gflop / median:.0f} | {100 * gflop / median / peak:.0f} % | {compile_s[name]:.1f} |"
         )
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.profile and not args.no_compile:
+        print_profile(eager, shape, args.tiles)
+
+
+def print_profile(eager: torch.nn.Module, shape: tuple[int, int, int, int], tiles: int) -> None:
+    """Shares of the compiled network's forward time: convolutions, fused kernels, the rest."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):  # names each fused kernel
+        net = inference_network(eager, compile=True, input_shape=shape)
+        x = torch.rand(shape)
+        _time(net, x, 2)  # compile and warm up outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _time(net, x, tiles)
+    shares = {"oneDNN convolutions": 0.0, "inductor's fused kernels": 0.0, "the rest": 0.0}
+    for event in prof.key_averages():
+        if "convolution" in event.key:
+            kind = "oneDNN convolutions"
+        elif "cpp_fused" in event.key:
+            kind = "inductor's fused kernels"
+        else:
+            kind = "the rest"
+        shares[kind] += event.self_cpu_time_total
+    total = sum(shares.values())
+    print(f"\nWhere joenet compiled + channels_last spends its forward ({tiles} tiles profiled):")
+    print("| part | ms per tile | share |\n|---|---:|---:|")
+    for kind, us in shares.items():
+        print(f"| {kind} | {us / 1000 / tiles:.1f} | {100 * us / total:.0f} % |")
 
 
 if __name__ == "__main__":

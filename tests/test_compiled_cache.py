@@ -7,6 +7,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,18 @@ def test_a_cached_package_loads_without_compiling_and_matches_eager(
         eager, out = net(x), compiled(x)
     assert out.shape == eager.shape == (2, 2, 64, 64)
     assert (out - eager).abs().max().item() < 1e-4
+
+
+@pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="freezing pre-packs weights for oneDNN only"
+)
+def test_the_package_is_frozen_its_convolutions_prepacked(compiled_dir: Path) -> None:
+    # The fixture compiles with autograd on, as a caller outside prediction's inference_mode
+    # would: load_or_compile must still freeze (unfrozen, every conv is a plain aten call).
+    [package] = compiled_dir.glob("*.pt2")
+    with zipfile.ZipFile(package) as archive:
+        wrappers = [archive.read(n).decode() for n in archive.namelist() if n.endswith(".cpp")]
+    assert any("mkldnn__convolution_pointwise" in code for code in wrappers)
 
 
 def test_the_key_holds_weights_architecture_shape_and_layout(net: torch.nn.Module) -> None:

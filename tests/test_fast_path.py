@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from torch._dynamo.utils import counters
 
 from joenet.predict import predict_volume
 from joenet.predict import work_units as block_ops
@@ -55,12 +56,15 @@ def test_compiled_network_matches_eager_for_every_batch_and_shape() -> None:
     first = next(net.parameters()).detach().clone()
     fast = inference_network(net, compile=True, input_shape=(2, 1, 64, 64))
     x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    counters.clear()
     with torch.inference_mode():
         for tiles in (x[:2], x[:1], x, torch.rand(1, 1, 48, 80)):  # full, padded, too big, odd
             eager = net(tiles)
             out = fast(tiles)
             assert out.shape == eager.shape
             assert (out - eager).abs().max().item() < 1e-4
+    if torch.backends.mkldnn.is_available():  # frozen weights are what inductor pre-packs
+        assert counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"] > 0
     # The trained network itself is untouched (folding copies it; no layout change in place).
     assert torch.equal(next(net.parameters()), first)
     assert next(net.parameters()).is_contiguous()

@@ -116,9 +116,12 @@ def load_or_compile(
     try:
         from torch import _inductor  # only compiling needs it (loading does not: load_package)
 
-        _inductor.aoti_compile_and_package(
-            program, package_path=partial, inductor_configs={"freezing": True}
-        )
+        # Freezing applies only with autograd off (as prediction calls this, under
+        # inference_mode); said here too, so that no caller gets an unfrozen package.
+        with torch.no_grad():
+            _inductor.aoti_compile_and_package(
+                program, package_path=partial, inductor_configs={"freezing": True}
+            )
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):

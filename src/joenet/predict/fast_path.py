@@ -3,10 +3,10 @@
 Measured on this project's 2-core CPU, batch 1, 256 px tiles, fp32 (``python
 benchmarks/fold_bench.py``, docs/fold_bench.md): folding 1.03-1.10x, channels_last another 1.13x
 for BatchNorm networks (0.91x for InstanceNorm ones, so ``auto`` leaves it off there), compiling
-with freezing 1.54-1.68x over eager in all (weights become constants, so inductor pre-packs them
-and fuses the pointwise ops into the convolutions). ``torch.compile`` costs 7-34 s in every
-process; on a CPU (fp32, or bf16 as a bf16 network) prediction compiles ahead of time instead,
-into an on-disk cache (``compiled_cache.py``), so only a checkpoint's first run pays it.
+1.38-1.68x over eager in all (inductor fuses the pointwise ops; with freezing, the weights become
+constants that it pre-packs for oneDNN: :func:`compile_frozen`). ``torch.compile`` costs 7-34 s
+in every process; on a CPU (fp32, or bf16 as a bf16 network) prediction compiles ahead of time
+instead, into an on-disk cache (``compiled_cache.py``), so only a checkpoint's first run pays it.
 ``compile="auto"`` compiles on a CPU when the run has enough tiles to pay back the compile, or
 the load of a cached one.
 On GPUs nothing has been measured yet, so ``auto`` leaves them eager.
@@ -137,10 +137,30 @@ class FixedShapeCompiled(nn.Module):
         return out
 
 
+def compile_frozen(net: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``torch.compile`` of ``net`` for inference, its weights frozen into the graph as constants
+    (so inductor pre-packs them for oneDNN and folds what it can); call it without autograd.
+
+    ``options={"freezing": True}`` alone freezes nothing (torch 2.13): dynamo decides, while it
+    traces, whether the weights become graph constants or inputs from the *global* inductor
+    flag, and ``options`` only reach inductor after that, so the weights stayed inputs and no
+    convolution was pre-packed. The flag is set around each call, so a trace (the first call,
+    or a recompile) sees it.
+    """
+    import torch._inductor.config as inductor_config  # compiling imports inductor anyway
+
+    compiled = torch.compile(net, dynamic=False, options={"freezing": True})
+
+    def run(x: Tensor) -> Tensor:
+        with inductor_config.patch(freezing=True):
+            return compiled(x)
+
+    return run
+
+
 def _torch_compile(net: nn.Module, shape: tuple[int, int, int, int]) -> Callable[[Tensor], Tensor]:
-    # Freezing folds the weights into the graph as constants: inference only, which is all
-    # prediction does (``forward_tiles`` runs under inference_mode).
-    return torch.compile(net, dynamic=False, options={"freezing": True})
+    # Freezing: inference only, which is all prediction does (forward_tiles: inference_mode).
+    return compile_frozen(net)
 
 
 def _cached_compiler(
