@@ -13,7 +13,7 @@ DEV_STAMP := $(VENV)/.joenet-dev-installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test lint format bench bench-gpu clean
+.PHONY: help install train test lint format bench bench-gpu gpu-wheels clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -70,6 +70,12 @@ bench: $(DEV_STAMP) ## Run the benchmarks against their peers (~2.5 h on 2 CPU c
 bench-gpu: $(DEV_STAMP) ## Check speed on this machine's GPU (CPU: a tiny smoke run); writes gpu_check.md/.csv
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/gpu_check.py $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else '--tiny --ddp-on-cpu')") --out gpu_check $(ARGS)
+
+# A GPU machine without network (the device tool's): fetch here what its image lacks, then run
+# there `sh benchmarks/gpu_check_offline.sh .whl gpu_check` (benchmarks/offline_wheels.py).
+gpu-wheels: $(STAMP) ## Download, for an offline GPU machine, the wheels its image lacks (.whl/)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/offline_wheels.py --dest .whl $(ARGS)
 
 clean: ## Remove the venv, caches and build outputs (keeps logs/ and data/)
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache src/*.egg-info

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -220,13 +221,64 @@ def ddp(args: argparse.Namespace, device: torch.device, data_dir: Path) -> list[
     ] + [("DDP", "2 / 1 processes", f"{rates[2] / rates[1]:.2f}x", "")]
 
 
+PARTS = ("train step", "data pipeline", "prediction", "DDP")
+
+
+def run_parts(
+    parts: dict[str, Callable[[], list[Result]]], header: str, out: Path | None
+) -> tuple[list[Result], list[str]]:
+    """Run each part in turn; the table so far is rewritten to ``out`` after each one.
+
+    A part that fails is a row of the table, not the end of the run: on a lent GPU machine
+    (minutes of device time, a command stopped at its time limit) the parts measured before and
+    after it still come back. Returns the rows and the names of the parts that failed.
+    """
+    results: list[Result] = []
+    failed = []
+    for name, part in parts.items():
+        start = time.perf_counter()
+        try:
+            results += part()
+        except Exception as err:  # reported in the table: the run goes on
+            failed.append(name)
+            first_line = (str(err).strip().splitlines() or [""])[0][:200]
+            results.append((name, "failed", type(err).__name__, first_line))
+        print(f"{name}: measured in {time.perf_counter() - start:.0f} s", flush=True)
+        if out is not None:
+            write_table(results, header, out)
+    return results, failed
+
+
+def table_lines(results: list[Result], header: str) -> list[str]:
+    lines = [header, "", "| part | setting | value | note |", "|---|---|---:|---|"]
+    return lines + [f"| {' | '.join(row)} |" for row in results]
+
+
+def write_table(results: list[Result], header: str, out: Path) -> None:
+    """``<out>.md`` and ``<out>.csv`` of the rows so far."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(table_lines(results, header)) + "\n")
+    with out.with_suffix(".csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["part", "setting", "value", "note"])
+        writer.writerows(results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that it runs")
     parser.add_argument("--ddp-on-cpu", action="store_true", help="run the DDP part on 2 CPUs")
     parser.add_argument("--no-compile", action="store_true", help="leave out the compile rows")
-    parser.add_argument("--out", type=Path, help="write <out>.md and <out>.csv")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated, run in this order (default: {','.join(PARTS)})",
+    )
+    parser.add_argument("--out", type=Path, help="write <out>.md and <out>.csv (after each part)")
     args = parser.parse_args()
+    chosen = [name.strip() for name in args.parts.split(",")]
+    if unknown := [name for name in chosen if name not in PARTS]:
+        parser.error(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
     if args.tiny:
         args.batch_sizes, args.patch_size, args.steps, args.workers = (2, 4), 64, 1, (0, 1)
         args.depth, args.side, args.tile, args.predict_shape = 16, 128, 64, (1, 128, 128)
@@ -242,27 +294,17 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     header = f"{device} ({name or platform.machine()}), torch {torch.__version__}"
     print(header, flush=True)
-    results: list[Result] = []
     with tempfile.TemporaryDirectory() as data_dir:
-        for name, part in (
-            ("train step", lambda: training_steps(args, device)),
-            ("data pipeline", lambda: data_pipeline(args, device, Path(data_dir))),
-            ("prediction", lambda: prediction(args, device)),
-            ("DDP", lambda: ddp(args, device, Path(data_dir))),
-        ):
-            start = time.perf_counter()
-            results += part()
-            print(f"{name}: measured in {time.perf_counter() - start:.0f} s", flush=True)
-    lines = [header, "", "| part | setting | value | note |", "|---|---|---:|---|"]
-    lines += [f"| {' | '.join(row)} |" for row in results]
-    print("\n".join(lines[1:]))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-        with args.out.with_suffix(".csv").open("w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["part", "setting", "value", "note"])
-            writer.writerows(results)
+        every: dict[str, Callable[[], list[Result]]] = {
+            "train step": lambda: training_steps(args, device),
+            "data pipeline": lambda: data_pipeline(args, device, Path(data_dir)),
+            "prediction": lambda: prediction(args, device),
+            "DDP": lambda: ddp(args, device, Path(data_dir)),
+        }
+        results, failed = run_parts({name: every[name] for name in chosen}, header, args.out)
+    print("\n".join(table_lines(results, header)[1:]))
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (their errors are rows of the table)")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,49 @@ def test_train_step_bench_sets_bf16_rows_beside_fp32_ones() -> None:
     bf16 = measure(table["joenet UNet2d, bf16 autocast"], batch=1, patch=32, steps=1, device=cpu)
     assert not fp32["bf16"] and bf16["bf16"]
     assert bf16["train_patches_s"] > 0 and bf16["train_gflop"] == pytest.approx(fp32["train_gflop"])
+
+
+def test_a_failing_part_is_a_row_and_the_other_parts_still_report(tmp_path: Path) -> None:
+    # A lent GPU machine gives minutes: one broken part must not lose the others' figures, and
+    # the files are there after each part (a command stopped at its limit keeps them).
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import run_parts
+
+    out = tmp_path / "check"
+    seen_on_disk = []
+
+    def second() -> list[tuple[str, str, str, str]]:
+        raise RuntimeError("CUDA error: out of memory\nlong traceback text")
+
+    def third() -> list[tuple[str, str, str, str]]:
+        seen_on_disk.append(out.with_suffix(".csv").read_text())
+        return [("c", "setting", "2.0 x", "")]
+
+    parts = {"a": lambda: [("a", "setting", "1.0 patches/s", "")], "b": second, "c": third}
+    results, failed = run_parts(parts, "header", out)
+    assert failed == ["b"]
+    assert results == [
+        ("a", "setting", "1.0 patches/s", ""),
+        ("b", "failed", "RuntimeError", "CUDA error: out of memory"),
+        ("c", "setting", "2.0 x", ""),
+    ]
+    assert "a,setting,1.0 patches/s" in seen_on_disk[0]  # written before part c ran
+    with out.with_suffix(".csv").open() as file:
+        assert len(list(csv.DictReader(file))) == 3
+    assert out.with_suffix(".md").read_text().startswith("header\n")
+
+
+def test_offline_wheels_cover_what_the_gpu_image_lacks() -> None:
+    # The lent GPU machine reaches no index: every requirement of joenet (and MONAI) that its
+    # image lacks must be among the wheels carried there, dependencies of those included.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from offline_wheels import IMAGE_HAS, needed
+
+    packages = needed("3.12")
+    assert {"hydra-core", "omegaconf", "antlr4-python3-runtime", "zarr", "numcodecs"} <= set(
+        packages
+    )
+    assert "monai" in packages  # the peer predict_bench measures
+    assert not set(packages) & IMAGE_HAS  # nothing the image holds is carried
+    assert "torch" not in packages and "lightning" not in packages
+    assert all(version[0].isdigit() for version in packages.values())
