@@ -11,7 +11,7 @@ import torch
 import zarr
 
 from joenet.checkpoint import cached_model
-from joenet.predict import predict_volume, tiling
+from joenet.predict import pipeline, predict_volume, tiling
 from joenet.predict.compiled_cache import package_path
 from joenet.predict.fast_path import inference_form, inference_network, prepared_network
 from joenet.predict.tiling import autocast_dtype, precision_name
@@ -41,6 +41,26 @@ def test_auto_is_bf16_on_cpus_with_amx_only(monkeypatch: pytest.MonkeyPatch) -> 
         assert precision_name(autocast_dtype(precision, CPU)) == precision
     with pytest.raises(ValueError, match="precision must be one of"):
         autocast_dtype("fp8", CPU)
+
+
+def test_bf16_that_auto_chose_elsewhere_is_refused_on_a_cpu_without_amx(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    ckpt_path: Path,
+    volume_path: Path,
+    tmp_path: Path,
+) -> None:
+    # A cluster run started on an AMX machine resolves auto to bf16 there; a worker whose CPU
+    # has no bf16 units would emulate it (~400x slower): it refuses before loading anything.
+    # conftest pins this CPU as one without AMX; the submitter's view is patched to AMX's.
+    monkeypatch.setattr(pipeline, "autocast_dtype", lambda precision, device: torch.bfloat16)
+    with pytest.raises(RuntimeError, match="precision=auto chose bf16 where the run started"):
+        predict_volume(ckpt_path, volume_path, tmp_path / "auto.zarr", z_range=[0, 1], **FAST)
+    tiling.check_cpu_bf16(torch.bfloat16, CPU, chosen_by_auto=False)  # asked for: warns only
+    assert "precision=bf16: the CPU of" in caplog.text and "~400x slower" in caplog.text
+    monkeypatch.setattr(tiling, "cpu_has_bf16_matrix_units", lambda: True)
+    tiling.check_cpu_bf16(torch.bfloat16, CPU, chosen_by_auto=True)  # an AMX worker: fine
+    tiling.check_cpu_bf16(None, CPU, chosen_by_auto=True)  # fp32: fine anywhere
 
 
 def test_a_bf16_network_takes_fp32_tiles_and_has_its_own_package_key(tmp_path: Path) -> None:

@@ -252,6 +252,7 @@ def predict_volume(
             channels_last=compiled_layout,  # the compiled form's: what the cache is keyed on
             compile_cache=None if cache_dir is None else str(cache_dir),
             grid=grid,
+            precision_by_auto=str(precision) == "auto",
         )
         arrays = {name: "uint8" for name in job.class_names}
         if instances:

@@ -24,7 +24,14 @@ from joenet.checkpoint import cached_model, resolve_device
 from joenet.predict.compiled_cache import package_path
 from joenet.predict.fast_path import compiled_weights_dtype, inference_form, prepared_network
 from joenet.predict.input_image import InputImage, open_input
-from joenet.predict.tiling import STEP, AxisTiles, PlanePredictor, autocast_dtype, plan_axis
+from joenet.predict.tiling import (
+    STEP,
+    AxisTiles,
+    PlanePredictor,
+    autocast_dtype,
+    check_cpu_bf16,
+    plan_axis,
+)
 
 Range = tuple[int, int]
 # plane -> (axis across the planes, first in-plane axis, second in-plane axis), as (z, y, x) = 0..2
@@ -56,6 +63,7 @@ class BlockJob:
     compile: bool = False  # compiled with freezing, resolved from "auto" by the client
     compile_cache: str | None = None  # compiled_cache.py's directory; None: torch.compile
     grid: int = STEP  # tile origins are multiples of this: tiling.tile_step of the network
+    precision_by_auto: bool = False  # precision resolved from "auto" where the run started
 
 
 @dataclass(frozen=True)
@@ -285,6 +293,7 @@ def make_predictor(job: BlockJob) -> PlanePredictor:
     on a GPU node uses its GPU even when the client that submitted the job has none.
     """
     device = resolve_device(job.device)
+    check_cpu_bf16(autocast_dtype(job.precision, device), device, job.precision_by_auto)
     batch_size = tile_batch(job.batch_size, device)
     shape = (batch_size, 1, job.tile, job.tile)
     cache = compile_cache_for(job, device)
