@@ -1,14 +1,17 @@
 """Where a CPU training step's time goes: eager and compiled, whole batch and micro-batches.
 
-One training step of joenet's default network (batch 16 at 256 px, joenet's BCE + Dice, AdamW,
-fp32), profiled with ``torch.profiler`` after warm-up steps, for four settings: eager and
-``torch.compile``, each on the whole batch and in micro-batches of 2 with accumulated gradients
-(what ``data.batch_size=2 trainer.accumulate_grad_batches=8`` does). Prints seconds per step and
-the share of self CPU time per kind of operator (convolution forward and backward, compiled
+One training step of joenet's network (``--net default``: the default config's, 16-32-64-128-256
+with InstanceNorm; ``seed``: the seed's 32-64-128-256 with BatchNorm, what this script profiled
+before ``--net`` existed), batch 16 at 256 px, joenet's BCE + Dice, AdamW, fp32, profiled with
+``torch.profiler`` after warm-up steps, for four settings: eager and ``torch.compile``, each on
+the whole batch and in micro-batches of 2 with accumulated gradients (what
+``data.batch_size=2 trainer.accumulate_grad_batches=8`` does). Prints seconds per step and the
+share of self CPU time per kind of operator (convolution forward and backward, compiled
 kernels, normalisation, activations, optimizer, the rest), so the settings can be compared
 row by row. Run::
 
     python benchmarks/train_profile.py [--batch-size 16] [--micro-batch 2] [--steps 2]
+                                       [--net seed]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from collections import defaultdict
 
 import torch
+from networks import NETWORKS, net_kwargs
 from torch.profiler import ProfilerActivity, profile
 
 from joenet.losses import BCEDiceLoss
@@ -30,8 +34,9 @@ KINDS = {  # operator name fragment -> kind (first match wins)
     # inductor's C++ kernels are not profiled one by one: their time is the graph call's own
     "CompiledFxGraph": "compiled fused kernels",
     "cpp_fused": "compiled fused kernels",
-    "batch_norm": "batchnorm",
-    "native_batch_norm": "batchnorm",
+    "batch_norm": "norm",  # InstanceNorm runs as aten::batch_norm over (1, B * C, H, W)
+    "instance_norm": "norm",
+    "group_norm": "norm",
     "gelu": "activation",
     "relu": "activation",
     "adamw": "optimizer",
@@ -53,7 +58,7 @@ def _kind(name: str) -> str:
 
 def profile_step(compiled: bool, micro_batch: int | None, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    model = UNet2d().train()
+    model = UNet2d(**net_kwargs(args.net)).train()
     net = torch.compile(model) if compiled else model
     criterion = BCEDiceLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -96,6 +101,7 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--net", choices=NETWORKS, default="default", help="joenet's network")
     args = parser.parse_args()
     settings = {
         "eager": (False, None),
@@ -106,8 +112,8 @@ def main() -> None:
     results = {name: profile_step(*setting, args) for name, setting in settings.items()}
     kinds = sorted({k for r in results.values() for k in r["shares"]})
     print(
-        f"batch {args.batch_size} at {args.patch_size} px, fp32, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}"
+        f"--net {args.net}: batch {args.batch_size} at {args.patch_size} px, fp32, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     print(f"| setting | s/step | patches/s | first step s | {' | '.join(kinds)} |")
     print(f"|---|---:|---:|---:|{'---:|' * len(kinds)}")
