@@ -83,17 +83,17 @@ def _run_joenet(
     ckpt: Path, volume: Path, args: argparse.Namespace, batch_size: int | None, compile: str
 ) -> dict:
     from joenet.checkpoint import cached_model
-    from joenet.predict import predict_volume, work_units
+    from joenet.predict import predict_volume, worker
 
     _warm_up(cached_model(ckpt, args.device).net)  # predict_volume reuses this cached model
     # Time the network prediction runs (folded, channels_last, maybe compiled), not the raw one.
-    make, timers = work_units.inference_form, []
+    make, timers = worker.inference_form, []
 
     def timed(*a: object, **k: object) -> _CallTimer:
         timers.append(_CallTimer(make(*a, **k)))  # type: ignore[arg-type]
         return timers[-1]
 
-    work_units.inference_form = timed  # type: ignore[assignment]
+    worker.inference_form = timed  # type: ignore[assignment]
     options = {
         "tile": args.tile,
         "overlap": args.overlap,

@@ -14,8 +14,7 @@ import pytest
 import torch
 import zarr
 
-from joenet.predict import fast_path, predict_volume
-from joenet.predict import work_units as block_ops
+from joenet.predict import fast_path, predict_volume, worker
 from joenet.predict.compiled_cache import (
     default_cache_dir,
     load_or_compile,
@@ -164,9 +163,9 @@ def test_a_second_prediction_loads_the_network_compiled_by_the_first(
         first = predict_volume(ckpt_path, volume_path, tmp_path / "a.zarr", compile=True, **options)
     packages = sorted(compiled_cache_dir.glob("*.pt2"))
     assert packages  # compiled into the test session's cache (or loaded from it)
-    block_ops._network.cache_clear()  # as in a new process: nothing compiled in memory
-    block_ops._prepared.cache_clear()
-    block_ops.make_predictor.cache_clear()
+    worker._network.cache_clear()  # as in a new process: nothing compiled in memory
+    worker._prepared.cache_clear()
+    worker.make_predictor.cache_clear()
     # auto, 8 tiles: the cached threshold scaled to this run; one tile short of it stays eager
     monkeypatch.setattr(fast_path, "CPU_CACHED_MIN_TILES", 9)
     caplog.clear()

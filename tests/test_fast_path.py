@@ -11,7 +11,7 @@ import torch
 import zarr
 from torch._dynamo.utils import counters
 
-from joenet.predict import predict_volume
+from joenet.predict import predict_volume, worker
 from joenet.predict import work_units as block_ops
 from joenet.predict.fast_path import (
     CPU_COMPILE_MIN_TILES,
@@ -93,7 +93,7 @@ def test_tile_count_is_the_forward_passes_made(
     ckpt_path: Path, volume_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counted: list[int] = []
-    make_predictor = block_ops.make_predictor.__wrapped__
+    make_predictor = worker.make_predictor.__wrapped__
 
     def counting_predictor(job: block_ops.BlockJob) -> object:
         predictor = make_predictor(job)
@@ -113,7 +113,7 @@ def test_tile_count_is_the_forward_passes_made(
         seen["tiles"] = count_tiles(job, shape, blocks)
         return seen["tiles"]
 
-    monkeypatch.setattr(block_ops, "make_predictor", counting_predictor)
+    monkeypatch.setattr(worker, "make_predictor", counting_predictor)
     monkeypatch.setattr("joenet.predict.pipeline.count_tiles", record_count)
     predict_volume(
         ckpt_path,
@@ -135,7 +135,7 @@ def test_prediction_picks_the_layout_after_compile_and_prepares_the_network_once
     # CPU and 1.08x compiled (fold_bench), so auto follows compile. One prepared copy per run
     # keys the compile cache and runs (it cost ~0.2 s, and was made twice).
     made, seen = [], []
-    prepare, form = block_ops.prepared_network, block_ops.inference_form
+    prepare, form = worker.prepared_network, worker.inference_form
 
     def preparing(net: torch.nn.Module, **kwargs: bool) -> torch.nn.Module:
         made.append(kwargs)
@@ -149,10 +149,10 @@ def test_prediction_picks_the_layout_after_compile_and_prepares_the_network_once
         seen.append((compile, channels_last, layout))
         return form(prepared, channels_last=channels_last, compile=False, **kw)  # no compile
 
-    monkeypatch.setattr(block_ops, "prepared_network", preparing)
-    monkeypatch.setattr(block_ops, "inference_form", recording)
+    monkeypatch.setattr(worker, "prepared_network", preparing)
+    monkeypatch.setattr(worker, "inference_form", recording)
     for compile in ("false", "true", "auto"):
-        for cached in (block_ops._prepared, block_ops._network, block_ops.make_predictor):
+        for cached in (worker._prepared, worker._network, worker.make_predictor):
             cached.cache_clear()  # as in a new process
         made.clear()
         output = tmp_path / f"{compile}.zarr"

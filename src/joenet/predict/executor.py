@@ -44,6 +44,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from joenet.predict import work_units as block_ops
+from joenet.predict import worker
 from joenet.predict.input_image import open_input
 from joenet.predict.work_units import Block, BlockJob
 from joenet.predict.writer import CompletionRecord
@@ -76,7 +77,7 @@ def run_local(
     image = open_input(job.input_path)
     group = zarr.open_group(job.output_path, mode="r+")
     record = CompletionRecord(job.output_path)
-    predictor = block_ops.make_predictor(job)
+    predictor = worker.make_predictor(job)
 
     def write(block: Block, values: np.ndarray) -> None:
         block_ops.write_block(group, job, block, values)
@@ -115,7 +116,7 @@ def run_dask(
     n_workers: int = 2,
     scheduler_address: str | None = None,
     progress: bool = True,
-    task: Callable[[BlockJob, Block], object] = block_ops.process_block,
+    task: Callable[[BlockJob, Block], object] = worker.process_block,
 ) -> None:
     """Predict ``pending`` blocks as Dask tasks; each worker writes its blocks itself.
 

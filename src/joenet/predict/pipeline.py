@@ -36,13 +36,8 @@ from joenet.predict.viewer_levels import (
     update_viewer_levels,
     write_block_levels,
 )
-from joenet.predict.work_units import (
-    Block,
-    BlockJob,
-    compiled_is_cached,
-    count_tiles,
-    make_blocks,
-)
+from joenet.predict.work_units import Block, BlockJob, count_tiles, make_blocks
+from joenet.predict.worker import compiled_is_cached
 from joenet.predict.writer import LEVELS_FLAGS, CompletionRecord, check_output, open_output
 from joenet.volume import check_z_range
 from joenet.volume.components import label_instances
