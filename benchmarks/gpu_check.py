@@ -1,17 +1,19 @@
 """One command for a new machine (``make bench-gpu``): is joenet fast on it, and what waits?
 
-Runs, on CUDA when there is a GPU (else on the CPU, where ``--tiny`` makes it a smoke test):
+Runs, on CUDA when there is a GPU (else on the CPU, where ``--tiny`` makes it a smoke test),
+cheapest first, so that a run stopped at a time limit keeps the parts it finished:
 
-1. the training step, joenet's default network, bf16 autocast on a GPU (fp32 on a CPU), at two
-   batch sizes, eager / channels_last / ``torch.compile`` (``train_step_bench.measure``), as a
-   fraction of the same run's matmul peak in that precision;
-2. the data pipeline against the model: training steps fed by ``EMDataModule`` with 0, 2, 4 and
+1. the data pipeline against the model: training steps fed by ``EMDataModule`` with 0, 2, 4 and
    8 DataLoader workers, against steps on one fixed batch, and the GPU's utilisation
    (``torch.cuda.utilization``, sampled every 0.1 s) while fed: does the GPU wait for data?
-3. tiled prediction against MONAI's ``sliding_window_inference`` on the same device
+2. tiled prediction against MONAI's ``sliding_window_inference`` on the same device
    (``predict_bench.py``, each side in its own process);
-4. two-process DDP (``python -m joenet.train trainer=ddp``) against one process, when there are
-   two GPUs (or with ``--ddp-on-cpu``: two gloo processes, to check the path).
+3. the training step, joenet's default network, bf16 autocast on a GPU (fp32 on a CPU), at two
+   batch sizes, eager / channels_last / ``torch.compile`` (``train_step_bench.measure``), as a
+   fraction of the same run's matmul peak in that precision;
+4. ``python -m joenet.train`` in one process (Lightning's training path on the device) and
+   two-process DDP (``trainer=ddp``) against it when there are two GPUs (or with
+   ``--ddp-on-cpu``: two gloo processes, to check the path).
 
 It prints one table (and writes it as ``<out>.md`` and ``<out>.csv`` with ``--out``)::
 
@@ -50,7 +52,9 @@ Result = tuple[str, str, str, str]  # section, setting, value, note
 def training_steps(args: argparse.Namespace, device: torch.device) -> list[Result]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gpu = device.type == "cuda"
-    peak = matmul_peak(device, size=4096 if gpu else 1024, repeats=20 if gpu else 3, dtype=dtype)
+    # An 8192^2 bf16 product takes ~1.4 ms on an H200: 50 of them after warm-ups, not 20 of 4096^2.
+    sizes = {"size": 8192, "repeats": 50, "warmups": 3} if gpu else {"size": 1024, "repeats": 3}
+    peak = matmul_peak(device, dtype=dtype, **sizes)
     results = [("train step", f"matmul peak ({dtype})", f"{peak:.0f} GFLOP/s", "")]
     default = partial(UNet2d, **net_kwargs("default"))  # what python -m joenet.train builds
     variants = [
@@ -63,11 +67,16 @@ def training_steps(args: argparse.Namespace, device: torch.device) -> list[Resul
         for row in variants:
             if row.compile and args.no_compile:
                 continue
-            r = measure(row, batch, args.patch_size, args.steps, device)
+            setting = f"batch {batch}, {row.name}"
+            try:
+                r = measure(row, batch, args.patch_size, args.steps, device)
+            except Exception as err:  # one failing row (a compile, memory) keeps the others
+                results.append(failure_row("train step", err, setting))
+                continue
             results.append(
                 (
                     "train step",
-                    f"batch {batch}, {row.name}",
+                    setting,
                     f"{r['train_patches_s']:.1f} patches/s",
                     f"{100 * r['train_gflop_s'] / peak:.0f} % of peak; inference "
                     f"{r['infer_patches_s']:.1f} patches/s; first step {r['first_step_s']:.1f} s",
@@ -121,8 +130,11 @@ def data_pipeline(args: argparse.Namespace, device: torch.device, data_dir: Path
     results = [("data pipeline", "fixed batch (no data work)", f"{rate:.1f} patches/s", "")]
     for workers in args.workers:
         data = make_data(data_args, workers, {})
+        # The loader holds 2 batches per worker made ahead: time enough steps past that stock
+        # for a pipeline slower than the model to show as waiting.
+        steps = max(args.steps, 4 * 2 * workers)
         with UtilisationSampler(device) as sampler:
-            fed_s = training_s(data, args.steps, data_args, device)
+            fed_s = training_s(data, steps, data_args, device)
         waiting = 100 * max(fed_s - model_s, 0) / fed_s
         results.append(
             (
@@ -151,6 +163,8 @@ def prediction(args: argparse.Namespace, device: torch.device) -> list[Result]:
             device.type,
             "--json",
             str(out),
+            "--batch-size",  # the non-default batch: joenet's default is 8 tiles on a GPU already
+            "32" if device.type == "cuda" else "8",
             "--pairs",
             "default"
             if args.tiny
@@ -166,7 +180,9 @@ def prediction(args: argparse.Namespace, device: torch.device) -> list[Result]:
     results = []
     for side, r in report["sides"].items():
         note = f"forward {100 * r['forward'] / r['seconds']:.0f} % of the time"
-        if r["compile"]:
+        if r.get("compile_failed"):
+            note += ", COMPILING FAILED: ran eager (see predict_bench's log)"
+        elif r["compile"]:
             note += f", compiled in {r['compile']:.1f} s (not counted)"
         results.append(("prediction", side, f"{voxels / r['seconds'] / 1e6:.3f} Mvox/s", note))
     for pair, ratio in report["ratios"].items():
@@ -175,13 +191,16 @@ def prediction(args: argparse.Namespace, device: torch.device) -> list[Result]:
 
 
 def ddp(args: argparse.Namespace, device: torch.device, data_dir: Path) -> list[Result]:
+    """``python -m joenet.train`` on one process and with ``trainer=ddp`` on two; with one GPU
+    only the first (Lightning's own training path on the GPU: bf16, layout, augmentation)."""
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    if gpus < 2 and not args.ddp_on_cpu:
-        return [("DDP", "2 processes", "skipped", f"{gpus} GPU(s); --ddp-on-cpu checks the path")]
-    accelerator = "gpu" if gpus >= 2 else "cpu"
+    if gpus == 0 and not args.ddp_on_cpu:
+        return [("DDP", "2 processes", "skipped", "no GPU; --ddp-on-cpu checks the path")]
+    accelerator = "gpu" if gpus >= 1 and not args.ddp_on_cpu else "cpu"
+    counts = (1,) if accelerator == "gpu" and gpus < 2 else (1, 2)
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for devices in (1, 2):
+        for devices in counts:
             run = Path(tmp) / f"ddp{devices}"
             overrides = [
                 f"paths.data_dir={data_dir}",
@@ -215,13 +234,23 @@ def ddp(args: argparse.Namespace, device: torch.device, data_dir: Path) -> list[
                 raise RuntimeError(f"DDP run on {devices} failed:\n{done.stderr[-3000:]}")
             summary = json.loads((run / "summary.json").read_text())
             rates[devices] = summary["patches_per_second"]
-    return [
+    results = [
         ("DDP", f"{n} {accelerator} process(es)", f"{rates[n]:.1f} patches/s", "wall, val included")
-        for n in (1, 2)
-    ] + [("DDP", "2 / 1 processes", f"{rates[2] / rates[1]:.2f}x", "")]
+        for n in counts
+    ]
+    if 2 not in rates:
+        return [*results, ("DDP", "2 processes", "skipped", f"{gpus} GPU")]
+    return [*results, ("DDP", "2 / 1 processes", f"{rates[2] / rates[1]:.2f}x", "")]
 
 
-PARTS = ("train step", "data pipeline", "prediction", "DDP")
+# Cheapest first: on a lent machine a run stopped at its time limit keeps the parts done.
+PARTS = ("data pipeline", "prediction", "train step", "DDP")
+
+
+def failure_row(part: str, err: Exception, setting: str = "failed") -> Result:
+    """A table row for an error: its type and the first line of its message."""
+    first_line = (str(err).strip().splitlines() or [""])[0][:200]
+    return (part, setting, "failed", f"{type(err).__name__}: {first_line}")
 
 
 def run_parts(
@@ -241,8 +270,7 @@ def run_parts(
             results += part()
         except Exception as err:  # reported in the table: the run goes on
             failed.append(name)
-            first_line = (str(err).strip().splitlines() or [""])[0][:200]
-            results.append((name, "failed", type(err).__name__, first_line))
+            results.append(failure_row(name, err))
         print(f"{name}: measured in {time.perf_counter() - start:.0f} s", flush=True)
         if out is not None:
             write_table(results, header, out)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -74,9 +75,25 @@ class _CallTimer:
         return out
 
 
-def _warm_up(net: torch.nn.Module) -> None:
-    with torch.inference_mode():
-        net(torch.rand(1, 1, 256, 256, device=next(net.parameters()).device))
+def _warm_up(net: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """One forward pass under the timed run's autocast: CUDA's context and its bf16 kernels are
+    loaded before either side's clock starts."""
+    device = next(net.parameters()).device
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    with torch.inference_mode(), autocast:
+        net(torch.rand(1, 1, 256, 256, device=device))
+
+
+class _CompileFailures(logging.Handler):
+    """Counts fast_path's "torch.compile failed" warnings: a compiled side that fell back to
+    eager must not be reported as compiled."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "torch.compile failed" in record.getMessage()
 
 
 def _run_joenet(
@@ -84,8 +101,12 @@ def _run_joenet(
 ) -> dict:
     from joenet.checkpoint import cached_model
     from joenet.predict import predict_volume, worker
+    from joenet.predict.tiling import autocast_dtype
 
-    _warm_up(cached_model(ckpt, args.device).net)  # predict_volume reuses this cached model
+    dtype = autocast_dtype(args.precision, torch.device(args.device))
+    _warm_up(cached_model(ckpt, args.device).net, dtype)  # predict_volume reuses this model
+    failures = _CompileFailures()
+    logging.getLogger("joenet.predict.fast_path").addHandler(failures)
     # Time the network prediction runs (folded, channels_last, maybe compiled), not the raw one.
     make, timers = worker.inference_form, []
 
@@ -139,6 +160,7 @@ def _run_joenet(
         "forward": timer.seconds,
         "tiles": timer.tiles,
         "compile": compile_s,
+        "compile_failed": failures.count > 0,  # compiling raised: the side ran eager
     }
 
 
@@ -160,7 +182,7 @@ def _run_monai(ckpt: Path, volume: Path, args: argparse.Namespace, sw_batch_size
     net = SegmentationLitModule.load_from_checkpoint(ckpt, weights_only=True).net.eval().to(device)
     dtype = autocast_dtype(args.precision, device)  # what joenet's side runs under
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    _warm_up(net)
+    _warm_up(net, dtype)
     timer = _CallTimer(net)
     raw = zarr.open_group(str(volume), mode="r")["raw"][...]  # the whole volume in memory
     out = np.zeros((2, *raw.shape), dtype=np.uint8)
@@ -248,6 +270,7 @@ def _report(
             f"{side:<44}{r['seconds']:>8.1f}{voxels / r['seconds'] / 1e6:>9.3f}{r['tiles']:>7}"
             f"{100 * r['forward'] / r['seconds']:>11.1f}{r['peak_rss_mib']:>14.0f}"
             f"{r['compile']:>11.1f}"
+            + ("  (compiling failed: ran eager)" if r.get("compile_failed") else "")
         )
     for joenet_side, monai_side in pairs:
         ours, peer = results[joenet_side], results[monai_side]

@@ -57,11 +57,16 @@ class Row:
 
 
 def matmul_peak(
-    device: torch.device, size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32
+    device: torch.device,
+    size: int = 2048,
+    repeats: int = 10,
+    dtype: torch.dtype = torch.float32,
+    warmups: int = 1,
 ) -> float:
     """Achieved matmul GFLOP/s in ``dtype``, the ceiling convolutions are compared against."""
     a = torch.rand(size, size, device=device, dtype=dtype)
-    a @ a
+    for _ in range(warmups):  # a GPU's clocks and cuBLAS's choice settle over a few
+        a @ a
     sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -93,6 +98,10 @@ def measure(row: Row, batch: int, patch: int, steps: int, device: torch.device) 
     model = model.to(memory_format=fmt)
     x = torch.rand(batch, 1, patch, patch, device=device).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 2, patch, patch, device=device) > 0.9).float()
+    if row.compile:
+        # Dynamo keeps per-code state across rows (shapes seen, recompile counts): without a
+        # reset a later row would compile UNet2d.forward with dynamic shapes, or not at all.
+        torch._dynamo.reset()
     net = torch.compile(model) if row.compile else model
     criterion = BCEDiceLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=row.fused)

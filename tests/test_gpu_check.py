@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_a_failing_part_is_a_row_and_the_other_parts_still_report(tmp_path: Path
     assert failed == ["b"]
     assert results == [
         ("a", "setting", "1.0 patches/s", ""),
-        ("b", "failed", "RuntimeError", "CUDA error: out of memory"),
+        ("b", "failed", "failed", "RuntimeError: CUDA error: out of memory"),
         ("c", "setting", "2.0 x", ""),
     ]
     assert "a,setting,1.0 patches/s" in seen_on_disk[0]  # written before part c ran
@@ -127,3 +128,50 @@ def test_offline_wheels_cover_what_the_gpu_image_lacks() -> None:
     assert not set(packages) & IMAGE_HAS  # nothing the image holds is carried
     assert "torch" not in packages and "lightning" not in packages
     assert all(version[0].isdigit() for version in packages.values())
+
+
+@pytest.mark.slow
+def test_predict_bench_says_when_a_compiled_side_fell_back_to_eager(tmp_path: Path) -> None:
+    # Without a working C++ compiler prediction runs eager (fast_path.FixedShapeCompiled): the
+    # bench must not report that side's speed as a compiled one.
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "predict_bench.py"), "--shape", "1"]
+    command += ["128", "128", "--tile", "64", "--overlap", "16", "--pairs", "compile"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "CXX": "/bin/false"}
+    done = subprocess.run(
+        [*command, "--json", str(out)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sides = json.loads(out.read_text())["sides"]
+    assert sides["joenet+compile=true:batch=default"]["compile_failed"] is True
+    assert "(compiling failed: ran eager)" in done.stdout
+
+
+def test_a_failing_train_step_row_keeps_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    def measure(row: object, batch: int, *args: object) -> dict:
+        if getattr(row, "compile", False):
+            raise RuntimeError("InductorError: no C compiler for Triton")
+        return {
+            "train_patches_s": 1.0,
+            "train_gflop_s": 1.0,
+            "infer_patches_s": 2.0,
+            "first_step_s": 0,
+        }
+
+    monkeypatch.setattr(gpu_check, "measure", measure)
+    args = argparse.Namespace(batch_sizes=(2,), patch_size=32, steps=1, no_compile=False)
+    rows = gpu_check.training_steps(args, torch.device("cpu"))
+    by_setting = {row[1]: row for row in rows}
+    assert by_setting["batch 2, eager"][2] == "1.0 patches/s"
+    assert by_setting["batch 2, torch.compile"][2:] == (
+        "failed",
+        "RuntimeError: InductorError: no C compiler for Triton",
+    )
+    assert len(rows) == 5  # the peak, two measured rows, two failed compile rows
