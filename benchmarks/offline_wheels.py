@@ -48,12 +48,16 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def needed(python_version: str = "3.12") -> dict[str, str]:
-    """Name -> installed version of every requirement of joenet and its peers, transitively,
-    that the GPU image lacks (markers evaluated for ``python_version`` on Linux, no extras)."""
+def needed(python_version: str = "3.12", peers: tuple[str, ...] = PEERS) -> dict[str, str]:
+    """Name -> installed version of every requirement of joenet and ``peers``, transitively,
+    that the GPU image lacks (markers evaluated for ``python_version`` on Linux, no extras).
+
+    Raises ``LookupError`` naming a needed package that is not installed here (its version is
+    what would be carried).
+    """
     environment = {"python_version": python_version, "sys_platform": "linux", "extra": ""}
     todo = [Requirement(text) for text in metadata.requires("joenet") or []]
-    todo += [Requirement(peer) for peer in PEERS]
+    todo += [Requirement(peer) for peer in peers]
     found: dict[str, str] = {}
     while todo:
         requirement = todo.pop()
@@ -62,7 +66,13 @@ def needed(python_version: str = "3.12") -> dict[str, str]:
             continue  # an extra's requirement, or for another Python or platform
         if name in IMAGE_HAS or name in found:
             continue
-        found[name] = metadata.version(name)
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            raise LookupError(
+                f"{name} is needed on the GPU machine but not installed here, so its version is "
+                "unknown: pip install -e '.[bench]' (make gpu-wheels does) and run this again"
+            ) from None
         todo += [Requirement(text) for text in metadata.requires(name) or []]
     return dict(sorted(found.items()))
 

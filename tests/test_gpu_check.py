@@ -120,11 +120,14 @@ def test_offline_wheels_cover_what_the_gpu_image_lacks() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from offline_wheels import IMAGE_HAS, needed
 
-    packages = needed("3.12")
+    monai = importlib.util.find_spec("monai") is not None  # the peer, in joenet[bench]
+    packages = needed("3.12", peers=("monai",) if monai else ())
     assert {"hydra-core", "omegaconf", "antlr4-python3-runtime", "zarr", "numcodecs"} <= set(
         packages
     )
-    assert "monai" in packages  # the peer predict_bench measures
+    assert ("monai" in packages) == monai
+    with pytest.raises(LookupError, match="no-such-peer is needed on the GPU machine"):
+        needed("3.12", peers=("no-such-peer",))
     assert not set(packages) & IMAGE_HAS  # nothing the image holds is carried
     assert "torch" not in packages and "lightning" not in packages
     assert all(version[0].isdigit() for version in packages.values())
