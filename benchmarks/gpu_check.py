@@ -24,7 +24,6 @@ It prints one table (and writes it as ``<out>.md`` and ``<out>.csv`` with ``--ou
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -32,12 +31,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
+from check_table import Result, failure_row, run_parts, table_lines
 from networks import net_kwargs
 from pipeline_bench import make_data, training_s
 from train_step_bench import Row, matmul_peak, measure
@@ -46,7 +45,6 @@ from joenet.model import UNet2d
 from joenet.synthetic import ensure_synthetic_volume
 
 ROOT = Path(__file__).resolve().parents[1]
-Result = tuple[str, str, str, str]  # section, setting, value, note
 
 
 def training_steps(args: argparse.Namespace, device: torch.device) -> list[Result]:
@@ -245,51 +243,6 @@ def ddp(args: argparse.Namespace, device: torch.device, data_dir: Path) -> list[
 
 # Cheapest first: on a lent machine a run stopped at its time limit keeps the parts done.
 PARTS = ("data pipeline", "prediction", "train step", "DDP")
-
-
-def failure_row(part: str, err: Exception, setting: str = "failed") -> Result:
-    """A table row for an error: its type and the first line of its message."""
-    first_line = (str(err).strip().splitlines() or [""])[0][:200]
-    return (part, setting, "failed", f"{type(err).__name__}: {first_line}")
-
-
-def run_parts(
-    parts: dict[str, Callable[[], list[Result]]], header: str, out: Path | None
-) -> tuple[list[Result], list[str]]:
-    """Run each part in turn; the table so far is rewritten to ``out`` after each one.
-
-    A part that fails is a row of the table, not the end of the run: on a lent GPU machine
-    (minutes of device time, a command stopped at its time limit) the parts measured before and
-    after it still come back. Returns the rows and the names of the parts that failed.
-    """
-    results: list[Result] = []
-    failed = []
-    for name, part in parts.items():
-        start = time.perf_counter()
-        try:
-            results += part()
-        except Exception as err:  # reported in the table: the run goes on
-            failed.append(name)
-            results.append(failure_row(name, err))
-        print(f"{name}: measured in {time.perf_counter() - start:.0f} s", flush=True)
-        if out is not None:
-            write_table(results, header, out)
-    return results, failed
-
-
-def table_lines(results: list[Result], header: str) -> list[str]:
-    lines = [header, "", "| part | setting | value | note |", "|---|---|---:|---|"]
-    return lines + [f"| {' | '.join(row)} |" for row in results]
-
-
-def write_table(results: list[Result], header: str, out: Path) -> None:
-    """``<out>.md`` and ``<out>.csv`` of the rows so far."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(table_lines(results, header)) + "\n")
-    with out.with_suffix(".csv").open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["part", "setting", "value", "note"])
-        writer.writerows(results)
 
 
 def main() -> None:

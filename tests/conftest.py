@@ -40,6 +40,7 @@ def fp32_prediction() -> Iterator[None]:
     is asked for (tests/test_bf16_prediction.py); training keeps the host's precision."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("joenet.predict.tiling.cpu_has_bf16_matrix_units", lambda: False)
+        patch.setattr("joenet.predict.worker.cpu_has_bf16_matrix_units", lambda: False)
         yield
 
 

@@ -11,7 +11,7 @@ import torch
 import zarr
 
 from joenet.checkpoint import cached_model
-from joenet.predict import pipeline, predict_volume, tiling
+from joenet.predict import pipeline, predict_volume, tiling, worker
 from joenet.predict.compiled_cache import package_path
 from joenet.predict.fast_path import inference_form, inference_network, prepared_network
 from joenet.predict.tiling import autocast_dtype, precision_name
@@ -27,8 +27,10 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def amx_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This CPU as one with AMX (tests/conftest.py pins prediction to fp32 otherwise)."""
+    """This CPU as one with AMX (tests/conftest.py pins prediction to fp32 otherwise): where
+    ``auto`` resolves and where the worker checks its CPU."""
     monkeypatch.setattr(tiling, "cpu_has_bf16_matrix_units", lambda: True)
+    monkeypatch.setattr(worker, "cpu_has_bf16_matrix_units", lambda: True)
 
 
 def test_auto_is_bf16_on_cpus_with_amx_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,11 +58,11 @@ def test_bf16_that_auto_chose_elsewhere_is_refused_on_a_cpu_without_amx(
     monkeypatch.setattr(pipeline, "autocast_dtype", lambda precision, device: torch.bfloat16)
     with pytest.raises(RuntimeError, match="precision=auto chose bf16 where the run started"):
         predict_volume(ckpt_path, volume_path, tmp_path / "auto.zarr", z_range=[0, 1], **FAST)
-    tiling.check_cpu_bf16(torch.bfloat16, CPU, chosen_by_auto=False)  # asked for: warns only
+    worker.check_cpu_bf16(torch.bfloat16, CPU, chosen_by_auto=False)  # asked for: warns only
     assert "precision=bf16: the CPU of" in caplog.text and "~400x slower" in caplog.text
-    monkeypatch.setattr(tiling, "cpu_has_bf16_matrix_units", lambda: True)
-    tiling.check_cpu_bf16(torch.bfloat16, CPU, chosen_by_auto=True)  # an AMX worker: fine
-    tiling.check_cpu_bf16(None, CPU, chosen_by_auto=True)  # fp32: fine anywhere
+    monkeypatch.setattr(worker, "cpu_has_bf16_matrix_units", lambda: True)
+    worker.check_cpu_bf16(torch.bfloat16, CPU, chosen_by_auto=True)  # an AMX worker: fine
+    worker.check_cpu_bf16(None, CPU, chosen_by_auto=True)  # fp32: fine anywhere
 
 
 def test_a_bf16_network_takes_fp32_tiles_and_has_its_own_package_key(tmp_path: Path) -> None:

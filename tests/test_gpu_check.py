@@ -88,7 +88,7 @@ def test_a_failing_part_is_a_row_and_the_other_parts_still_report(tmp_path: Path
     # A lent GPU machine gives minutes: one broken part must not lose the others' figures, and
     # the files are there after each part (a command stopped at its limit keeps them).
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu_check import run_parts
+    from check_table import run_parts
 
     out = tmp_path / "check"
     seen_on_disk = []
@@ -178,3 +178,12 @@ def test_a_failing_train_step_row_keeps_the_others(monkeypatch: pytest.MonkeyPat
         "RuntimeError: InductorError: no C compiler for Triton",
     )
     assert len(rows) == 5  # the peak, two measured rows, two failed compile rows
+
+
+def test_an_unknown_part_is_one_clear_error() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--parts", "predict"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    assert "--parts: unknown ['predict']; choose from ['data pipeline', 'prediction'" in done.stderr
+    assert "Traceback" not in done.stderr

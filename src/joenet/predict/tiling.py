@@ -26,8 +26,6 @@ everything (IoU 0), so tiles keep their own statistics.
 from __future__ import annotations
 
 import contextlib
-import logging
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -37,8 +35,6 @@ import torch
 from torch import Tensor, nn
 
 from joenet.config import cpu_has_bf16_matrix_units
-
-log = logging.getLogger(__name__)
 
 Blending = Literal["gaussian", "constant"]
 Precision = Literal["auto", "32", "bf16", "16"]
@@ -162,26 +158,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def precision_name(dtype: torch.dtype | None) -> str:
     """The ``precision`` value that :func:`autocast_dtype` maps to ``dtype``."""
     return {None: "32", torch.bfloat16: "bf16", torch.float16: "16"}[dtype]
-
-
-def check_cpu_bf16(dtype: torch.dtype | None, device: torch.device, chosen_by_auto: bool) -> None:
-    """Refuse bf16 on a CPU that only emulates it when ``precision=auto`` chose it elsewhere.
-
-    The run's precision is resolved once, where it starts (every block in one precision), so on a
-    cluster an AMX machine's ``auto`` (bf16) reaches workers whose CPUs have no bf16 units, where
-    it runs ~400x slower than fp32: those refuse at once. A ``bf16`` asked for by name only warns.
-    """
-    if dtype != torch.bfloat16 or device.type != "cpu" or cpu_has_bf16_matrix_units():
-        return
-    host = socket.gethostname()
-    slow = f"the CPU of {host} has no bf16 matrix units (AMX): bf16 runs ~400x slower than fp32"
-    if chosen_by_auto:
-        raise RuntimeError(
-            f"precision=auto chose bf16 where the run started (a CPU with AMX), but {slow}: "
-            "start it with precision=32 (and overwrite=true: this output was begun in bf16), "
-            "or predict on AMX CPUs or GPUs"
-        )
-    log.warning("precision=bf16: %s (precision=32 runs fp32)", slow)
 
 
 # The 8 elements of the dihedral group of the square: (quarter turns, flip first).

@@ -9,6 +9,8 @@ units are looked at here, in the process that predicts, not where the run starte
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -18,13 +20,36 @@ import zarr
 from torch import Tensor
 
 from joenet.checkpoint import cached_model, resolve_device
+from joenet.config import cpu_has_bf16_matrix_units
 from joenet.predict import work_units as block_ops
 from joenet.predict.compiled_cache import package_path
 from joenet.predict.fast_path import compiled_weights_dtype, inference_form, prepared_network
 from joenet.predict.input_image import open_input
-from joenet.predict.tiling import PlanePredictor, autocast_dtype, check_cpu_bf16
+from joenet.predict.tiling import PlanePredictor, autocast_dtype
 from joenet.predict.work_units import Block, BlockJob
 from joenet.predict.writer import CompletionRecord
+
+log = logging.getLogger(__name__)
+
+
+def check_cpu_bf16(dtype: torch.dtype | None, device: torch.device, chosen_by_auto: bool) -> None:
+    """Refuse bf16 on a CPU that only emulates it when ``precision=auto`` chose it elsewhere.
+
+    The run's precision is resolved once, where it starts (every block in one precision), so on a
+    cluster an AMX machine's ``auto`` (bf16) reaches workers whose CPUs have no bf16 units, where
+    it runs ~400x slower than fp32: those refuse at once. A ``bf16`` asked for by name only warns.
+    """
+    if dtype != torch.bfloat16 or device.type != "cpu" or cpu_has_bf16_matrix_units():
+        return
+    host = socket.gethostname()
+    slow = f"the CPU of {host} has no bf16 matrix units (AMX): bf16 runs ~400x slower than fp32"
+    if chosen_by_auto:
+        raise RuntimeError(
+            f"precision=auto chose bf16 where the run started (a CPU with AMX), but {slow}: "
+            "start it with precision=32 (and overwrite=true: this output was begun in bf16), "
+            "or predict on AMX CPUs or GPUs"
+        )
+    log.warning("precision=bf16: %s (precision=32 runs fp32)", slow)
 
 
 @cache
